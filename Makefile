@@ -1,0 +1,37 @@
+# Two commands: `make demo` (the whole chain on the bundled sample) and `make test`.
+# TORCH selects the PyTorch build; CI pins the CPU wheel: make test TORCH="torch==2.13.0"
+PYTHON ?= python3
+TORCH ?= torch
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_N ?= 1000
+
+.PHONY: install install-test demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+
+demo: install
+	rm -rf demo
+	$(BIN)/affectnet-plus sample demo/raw --n $(DEMO_N) --seed 0 --grid demo/sample_grid.png
+	$(BIN)/affectnet-plus build demo/raw --format affectnet --out demo/affectnet_plus --num-proc 2
+	cd demo && ../$(BIN)/affectnet-plus show affectnet_plus
+
+test: install-test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+bench: install-test
+	$(BIN)/python bench/build.py
+
+clean:
+	rm -rf demo .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""From raw sources to a Hub-ready AffectNet+ folder: readers, image cropping, the sample, export."""

@@ -1,0 +1,219 @@
+"""The dataset card (``README.md``) of a built folder: YAML ``configs`` + ``dataset_info`` made with the
+``datasets``/``huggingface_hub`` helpers, and a body rendered from the project's ``dataset_card.md``.
+
+Example:
+    >>> from builder.card import render_card
+    >>> card = render_card(out, reader, config, report)  # doctest: +SKIP
+    >>> card.data.configs[0]["config_name"]  # doctest: +SKIP
+    'default'
+"""
+
+from __future__ import annotations
+
+import string
+import sys
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from datasets import DatasetInfo, SplitDict, SplitInfo
+from datasets.info import DatasetInfosDict
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from affectnet_plus import COLUMN_DESCRIPTIONS, HUMAN_LABELS, SUBSETS, select_features
+
+TEMPLATE_NAME = "dataset_card.md"
+# A source folder holding this file is the project's synthetic sample (``affectnet-plus sample``).
+SAMPLE_MARKER = "ground_truth.jsonl"
+AFFECTNET_LICENSE_URL = "http://mohammadmahoor.com/affectnet/"
+
+AFFECTNET_TERMS = f"""\
+AffectNet and AffectNet+ are distributed by the University of Denver under a license agreement
+({AFFECTNET_LICENSE_URL}) that allows **non-commercial academic research only** and forbids
+redistribution. Every image and label here is derived from that data, so the agreement applies to
+this folder as a whole:
+
+- use it only if you (or your institution) hold a signed AffectNet / AffectNet+ agreement, and only
+  for non-commercial research;
+- do not publish it openly: on the Hub, keep the repository **private or gated** so that only people
+  who hold the license get access;
+- the `labels` config carries no images, but its annotations are derived from licensed data too.
+"""
+
+
+def template_path() -> Path:
+    """The card template: beside the source checkout, or in ``<prefix>/share/affectnet-plus``."""
+    for candidate in (
+        Path(__file__).resolve().parents[1] / TEMPLATE_NAME,
+        Path(sys.prefix) / "share" / "affectnet-plus" / TEMPLATE_NAME,
+    ):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"cannot find the card template {TEMPLATE_NAME}; reinstall affectnet-plus")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _shards(out: Path, config: str, split: str) -> list[Path]:
+    return sorted((out / "data" / config).glob(f"{split}-*.parquet"))
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "1M<n<10M"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("affectnet-plus")
+    except metadata.PackageNotFoundError:
+        return "source checkout"
+
+
+def card_data(out: Path, features, report: dict, license_fields: dict) -> DatasetCardData:
+    """YAML metadata: one ``configs`` entry and one ``dataset_info`` entry per written config."""
+    configs, infos = {}, {}
+    for config, split_counts in report["configs"].items():
+        config_features = (
+            features
+            if config != "labels"
+            else select_features(
+                [n for n in features if n != "image"], tuple(features["ethnicity"]) if "ethnicity" in features else ()
+            )
+        )
+        splits = SplitDict()
+        for split in split_counts:
+            files = _shards(out, config, split)
+            metas = [pq.ParquetFile(p).metadata for p in files]
+            num_bytes = sum(m.row_group(i).total_byte_size for m in metas for i in range(m.num_row_groups))
+            splits.add(SplitInfo(name=split, num_bytes=num_bytes, num_examples=sum(m.num_rows for m in metas)))
+        configs[config] = {
+            "data_files": [{"split": s, "path": f"data/{config}/{s}-*.parquet"} for s in split_counts],
+            **({"default": True} if config == "default" else {}),
+        }
+        infos[config] = DatasetInfo(
+            features=config_features,
+            splits=splits,
+            config_name=config,
+            download_size=sum(p.stat().st_size for s in split_counts for p in _shards(out, config, s)),
+            dataset_size=sum(info.num_bytes for info in splits.values()),
+        )
+    data = DatasetCardData(
+        pretty_name="AffectNet+",
+        task_categories=["image-classification"],
+        tags=["facial-expression-recognition", "affective-computing", "soft-labels", "affectnet"],
+        size_categories=[_size_category(report["written"])],
+        **license_fields,
+    )
+    MetadataConfigs(configs).to_dataset_card_data(data)
+    DatasetInfosDict(infos).to_dataset_card_data(data)
+    return data
+
+
+def _label_table(out: Path, splits: list[str]) -> str:
+    counts = {}
+    for split in splits:
+        counter = Counter()
+        for shard in _shards(out, "labels", split):
+            counter.update(pq.read_table(shard, columns=["human_label"])["human_label"].to_pylist())
+        counts[split] = counter
+    rows = [
+        [f"{code} {name}", *(counts[s].get(code, 0) for s in splits)]
+        for code, name in enumerate(HUMAN_LABELS)
+        if any(counts[s].get(code, 0) for s in splits)
+    ]
+    if any(counts[s].get(None, 0) for s in splits):
+        rows.append(["(none)", *(counts[s].get(None, 0) for s in splits)])
+    return _table(["human_label", *splits], rows)
+
+
+def render_card(out: Path, reader, config, report: dict) -> DatasetCard:
+    """The card of the folder ``out`` built from ``reader`` with ``config``; ``report`` is the build report."""
+    out = Path(out)
+    features = select_features(reader.columns, reader.ethnicity_classes)
+    root = Path(reader.root)
+    is_sample = (root / SAMPLE_MARKER).is_file()
+    if is_sample:
+        title = "bundled synthetic sample"
+        summary = (
+            "**These faces are synthetic.** They were rendered by `affectnet-plus sample` from a 3-D mean face "
+            "with known expression mixtures and head poses, written in the raw AffectNet layout, and built "
+            "like real AffectNet. They prove the pipeline; numbers measured on them say nothing about AffectNet."
+        )
+        license_fields = {"license": "apache-2.0"}
+        license_text = "The rendered faces and their labels are synthetic and released under Apache-2.0."
+    elif config.source_format in ("affectnet", "affectnet-plus"):
+        title = "built from " + ("raw AffectNet" if config.source_format == "affectnet" else "the AffectNet+ release")
+        summary = (
+            f"Built from a licensed copy of {'AffectNet' if config.source_format == 'affectnet' else 'AffectNet+'}."
+        )
+        license_fields = {
+            "license": "other",
+            "license_name": "affectnet-research",
+            "license_link": AFFECTNET_LICENSE_URL,
+        }
+        license_text = AFFECTNET_TERMS
+    else:
+        title = f"built from the {config.source_format} source `{root.name}`"
+        summary = f"Built from the {config.source_format} source `{root.name}` in the AffectNet+ schema."
+        license_fields = {"license": "unknown"}
+        license_text = (
+            f"The images come from `{root.name}`; this folder carries that dataset's license, which the build "
+            "cannot know. State it here before publishing."
+        )
+
+    splits = list(report["splits"])
+    configs_rows = [[c, *(counts.get(s, "—") for s in splits)] for c, counts in report["configs"].items()]
+    columns_rows = [
+        [f"`{name}`", f"`{_feature_repr(feature)}`", COLUMN_DESCRIPTIONS[name]] for name, feature in features.items()
+    ]
+    rejects = report["rejected"]
+    rejects_table = (
+        _table(["reason", "rows"], [[f"`{r}`", n] for r, n in rejects.items()]) if rejects else "No row was rejected."
+    )
+    subset_example = "".join(
+        f'{name} = load_dataset("{out.name}", "{name}")\n' for name in SUBSETS if name in report["configs"]
+    )
+    provenance = _table(
+        ["parameter", "value"],
+        [
+            ["tool", f"affectnet-plus {_version()}"],
+            ["source format", f"`{config.source_format}`"],
+            ["source", f"`{root.name}`" + (" (synthetic sample)" if is_sample else "")],
+            ["face crop", f"{config.face_size} px square, margin {config.crop_margin:g} of the face box per side"],
+            ["JPEG quality of re-encoded crops", config.jpeg_quality],
+            ["rows per shard", report["fingerprint"]["shard_rows"]],
+            *([["release pose unit", config.pose_unit]] if config.source_format == "affectnet-plus" else []),
+            *([["ethnicity classes", ", ".join(reader.ethnicity_classes)]] if "ethnicity" in features else []),
+        ],
+    )
+    body = string.Template(template_path().read_text(encoding="utf-8")).substitute(
+        title=title,
+        summary=summary,
+        load_path=out.name,
+        subset_example=subset_example,
+        configs_table=_table(["config", *splits], configs_rows),
+        columns_table=_table(["column", "feature", "meaning"], columns_rows),
+        emotion_codes=", ".join(f"{i} {n}" for i, n in enumerate(HUMAN_LABELS)),
+        label_table=_label_table(out, splits) if "human_label" in features else "",
+        read=report["read"],
+        written=report["written"],
+        rejected_total=sum(rejects.values()),
+        rejects_table=rejects_table,
+        provenance=provenance,
+        license=license_text,
+    )
+    data = card_data(out, features, report, license_fields)
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _feature_repr(feature) -> str:
+    return repr(feature).replace("Value('float32')", "float32").replace("|", "\\|")

@@ -1,0 +1,455 @@
+"""Source readers: raw AffectNet, the official AffectNet+ release, an image folder, a ``path,label`` CSV.
+
+Each reader streams one record type per split: a ``Record`` (a row that points at an image and
+carries the annotations the source has, still in source pixel coordinates) or a ``Rejection`` (a row
+that cannot be used, with its reason). Readers only parse text and list files; decoding and cropping
+happen in ``make_example`` so that it can run in worker processes.
+
+Example:
+    >>> from affectnet_plus import AffectNetPlusConfig
+    >>> from builder.sources import open_source
+    >>> reader = open_source("AffectNet/", AffectNetPlusConfig(source_format="affectnet"))  # doctest: +SKIP
+    >>> for item in reader.records("train"): ...  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from affectnet_plus import (
+    EMOTIONS,
+    ETHNICITY_CLASSES,
+    HUMAN_LABELS,
+    NUM_LANDMARKS,
+    SUBSETS,
+    AffectNetPlusConfig,
+)
+from builder.images import Rejected, crop_face
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+AFFECTNET_COLUMNS = (
+    "subDirectory_filePath",
+    "face_x",
+    "face_y",
+    "face_width",
+    "face_height",
+    "facial_landmarks",
+    "expression",
+    "valence",
+    "arousal",
+)
+# AffectNet writes -2 for valence/arousal of uncertain and non-face images: a null, not an error.
+AFFECTNET_VA_SENTINEL = -2.0
+
+
+@dataclass
+class Record:
+    """One usable source row: where its image is and what the source says about it.
+
+    ``annotations`` holds schema columns known from the source (``human_label``, ``valence``, ...);
+    ``landmarks`` there are in the source image's pixels until ``make_example`` maps them.
+    """
+
+    image_id: str
+    split: str
+    origin: str
+    row: int | None
+    image_path: Path
+    face_box: tuple[float, float, float, float] | None = None
+    annotations: dict = field(default_factory=dict)
+
+
+@dataclass
+class Rejection:
+    """A row that did not become an example: where it came from, why, and its image id if known."""
+
+    origin: str
+    row: int | None
+    reason: str
+    detail: str = ""
+    image_id: str | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.origin,
+            "row": self.row,
+            "image_id": self.image_id,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """``root / relative``, or ``Rejected("path_escapes_root")`` if it resolves outside ``root``."""
+    if not relative or "\x00" in relative:
+        raise Rejected("malformed_row", f"bad image path {relative!r}")
+    candidate = Path(relative.replace("\\", "/"))
+    if candidate.is_absolute():
+        raise Rejected("path_escapes_root", relative)
+    resolved = (root / candidate).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise Rejected("path_escapes_root", relative)
+    return resolved
+
+
+def _image_id(root: Path, path: Path) -> str:
+    """Source-relative path without extension, with forward slashes: the stable key of a row."""
+    return path.relative_to(root.resolve()).with_suffix("").as_posix()
+
+
+def _finite(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise Rejected("malformed_row", f"{what} is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise Rejected("malformed_row", f"{what} is not finite: {text!r}")
+    return value
+
+
+def _label(value, what: str = "label") -> int:
+    try:
+        code = int(str(value).strip())
+    except ValueError:
+        raise Rejected("malformed_row", f"{what} is not an integer: {value!r}") from None
+    if not 0 <= code < len(HUMAN_LABELS):
+        raise Rejected("label_out_of_range", f"{what} {code} not in 0..{len(HUMAN_LABELS) - 1}")
+    return code
+
+
+def _valence_arousal(value: float | None, what: str) -> float | None:
+    if value is None or value == AFFECTNET_VA_SENTINEL:
+        return None
+    if not -1.0 <= value <= 1.0:
+        raise Rejected("valence_arousal_out_of_range", f"{what} {value} not in [-1, 1]")
+    return value
+
+
+def _landmarks(values, what: str = "landmarks") -> np.ndarray:
+    """68 (x, y) points from a flat list of 136 numbers or a list of 68 pairs."""
+    try:
+        points = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise Rejected("malformed_row", f"{what} are not numbers") from None
+    if points.size != 2 * NUM_LANDMARKS:
+        raise Rejected("malformed_row", f"{what}: expected {2 * NUM_LANDMARKS} numbers, got {points.size}")
+    if not np.isfinite(points).all():
+        raise Rejected("malformed_row", f"{what} contain NaN or inf")
+    return points.reshape(NUM_LANDMARKS, 2)
+
+
+class AffectNetReader:
+    """Raw AffectNet: ``Manually_Annotated_file_lists/{training,validation}.csv`` (+ images in
+    ``Manually_Annotated_Images/``) and the automatically annotated part, which becomes ``unlabeled``."""
+
+    columns = ("image_id", "image", "human_label", "valence", "arousal", "landmarks")
+    ethnicity_classes = ETHNICITY_CLASSES
+    PARTS = {
+        "train": ("Manually_Annotated_file_lists/training.csv", "Manually_Annotated_Images"),
+        "validation": ("Manually_Annotated_file_lists/validation.csv", "Manually_Annotated_Images"),
+        "unlabeled": (
+            "Automatically_Annotated_file_lists/automatically_annotated.csv",
+            "Automatically_Annotated_Images",
+        ),
+    }
+
+    def __init__(self, root, config: AffectNetPlusConfig):
+        self.root = Path(root).resolve()
+        self.config = config
+        if not any((self.root / csv_path).is_file() for csv_path, _ in self.PARTS.values()):
+            raise FileNotFoundError(
+                f"{root} is not a raw AffectNet folder: none of {', '.join(p for p, _ in self.PARTS.values())} exists"
+            )
+
+    def splits(self) -> list[str]:
+        return [split for split, (csv_path, _) in self.PARTS.items() if (self.root / csv_path).is_file()]
+
+    def records(self, split: str) -> Iterator[Record | Rejection]:
+        csv_path, images_dir = self.PARTS[split]
+        images_root = self.root / images_dir
+        with open(self.root / csv_path, newline="", encoding="utf-8", errors="replace") as f:
+            for line_number, row in enumerate(csv.reader(f), start=1):
+                if line_number == 1 and row and row[0].strip() == AFFECTNET_COLUMNS[0]:
+                    continue  # header (AffectNet's validation.csv ships without one)
+                if not row or not any(cell.strip() for cell in row):
+                    yield Rejection(csv_path, line_number, "malformed_row", "empty line")
+                    continue
+                try:
+                    yield self._record(row, csv_path, line_number, split, images_root)
+                except Rejected as err:
+                    yield Rejection(csv_path, line_number, err.reason, err.detail)
+
+    def _record(self, row: list[str], origin: str, line_number: int, split: str, images_root: Path) -> Record:
+        if len(row) != len(AFFECTNET_COLUMNS):
+            raise Rejected("malformed_row", f"expected {len(AFFECTNET_COLUMNS)} fields, got {len(row)}")
+        values = dict(zip(AFFECTNET_COLUMNS, row))
+        path = resolve_inside(images_root, values["subDirectory_filePath"].strip())
+        box = tuple(_finite(values[k], k) for k in ("face_x", "face_y", "face_width", "face_height"))
+        if box[2] <= 0 or box[3] <= 0:
+            raise Rejected("malformed_row", f"face box {box} has no area")
+        landmarks = _landmarks([_finite(v, "landmark") for v in values["facial_landmarks"].split(";") if v.strip()])
+        annotations = {
+            "human_label": _label(values["expression"], "expression"),
+            "valence": _valence_arousal(_finite(values["valence"], "valence"), "valence"),
+            "arousal": _valence_arousal(_finite(values["arousal"], "arousal"), "arousal"),
+            "landmarks": landmarks,
+        }
+        return Record(_image_id(self.root, path), split, origin, line_number, path, box, annotations)
+
+
+class AffectNetPlusReader:
+    """The official AffectNet+ release: ``human_annotated/{train_set,validation_set}`` and
+    ``no_human_annotated``, each with ``images/`` and one JSON per image in ``annotations/``.
+
+    Soft labels and subsets are kept exactly. ``pose`` is read in ``config.pose_unit`` and stored in
+    degrees; ``race`` becomes ``ethnicity`` under the release's own class names.
+    """
+
+    columns = (
+        "image_id", "image", "human_label", "soft_label", "subset", "valence", "arousal", "landmarks",
+        "head_pose", "age", "gender", "ethnicity",
+    )  # fmt: skip
+    PARTS = {
+        "train": "human_annotated/train_set",
+        "validation": "human_annotated/validation_set",
+        "unlabeled": "no_human_annotated",
+    }
+
+    def __init__(self, root, config: AffectNetPlusConfig):
+        self.root = Path(root).resolve()
+        self.config = config
+        if not self.splits():
+            raise FileNotFoundError(
+                f"{root} is not an AffectNet+ release: none of "
+                f"{', '.join(p + '/annotations' for p in self.PARTS.values())} exists"
+            )
+        self.ethnicity_classes = self._ethnicity_classes()
+
+    def splits(self) -> list[str]:
+        return [split for split, part in self.PARTS.items() if (self.root / part / "annotations").is_dir()]
+
+    def _annotation_files(self, split: str) -> list[Path]:
+        return sorted((self.root / self.PARTS[split] / "annotations").glob("*.json"))
+
+    def _ethnicity_classes(self) -> tuple[str, ...]:
+        """The release's race class names, taken from its first readable annotation."""
+        for split in self.splits():
+            for path in self._annotation_files(split):
+                try:
+                    race = json.loads(path.read_text(encoding="utf-8"))["meta-data"]["race"]
+                    return tuple(sorted(_class_name(name) for name in race))
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    continue
+        return ETHNICITY_CLASSES
+
+    def records(self, split: str) -> Iterator[Record | Rejection]:
+        part = self.root / self.PARTS[split]
+        images = (
+            {p.stem: p for p in (part / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+            if (part / "images").is_dir()
+            else {}
+        )
+        for annotation_path in self._annotation_files(split):
+            origin = annotation_path.relative_to(self.root).as_posix()
+            image_path = images.pop(annotation_path.stem, None)
+            if image_path is None:
+                yield Rejection(origin, None, "missing_file", f"no image named {annotation_path.stem}.* in images/")
+                continue
+            try:
+                yield self._record(annotation_path, image_path, origin, split)
+            except Rejected as err:
+                yield Rejection(origin, None, err.reason, err.detail, _image_id(self.root, image_path))
+        for stem, image_path in sorted(images.items()):  # images without an annotation are rows too
+            origin = image_path.relative_to(self.root).as_posix()
+            yield Rejection(
+                origin, None, "missing_annotation", f"no annotations/{stem}.json", _image_id(self.root, image_path)
+            )
+
+    def _record(self, annotation_path: Path, image_path: Path, origin: str, split: str) -> Record:
+        try:
+            data = json.loads(annotation_path.read_text(encoding="utf-8"))
+            meta = data["meta-data"]
+            soft_label = np.asarray(data["soft-label"], dtype=np.float64)
+            subset = int(data["subset"])
+            pose = meta["pose"]
+            angles = np.array([float(pose[k]) for k in ("yaw", "pitch", "roll")])
+            gender = {k: float(meta["gender"][k]) for k in ("female", "male")}
+            race = {_class_name(k): float(v) for k, v in meta["race"].items()}
+            age = float(meta["age"])
+            valence, arousal = float(meta["valence"]), float(meta["arousal"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise Rejected("malformed_annotation", f"{type(err).__name__}: {err}") from None
+        if soft_label.shape != (len(EMOTIONS),) or not np.isfinite(soft_label).all() or (soft_label < 0).any():
+            raise Rejected("malformed_annotation", "soft-label must be 8 finite non-negative numbers")
+        if abs(soft_label.sum() - 1) > 1e-3:
+            raise Rejected("malformed_annotation", f"soft-label sums to {soft_label.sum():.4f}, not 1")
+        if not 0 <= subset < len(SUBSETS):
+            raise Rejected("malformed_annotation", f"subset {subset} not in 0..{len(SUBSETS) - 1}")
+        if set(race) != set(self.ethnicity_classes):
+            raise Rejected("malformed_annotation", f"race classes {sorted(race)} != {list(self.ethnicity_classes)}")
+        numbers = np.array([*angles, *gender.values(), *race.values(), age, valence, arousal])
+        if not np.isfinite(numbers).all():
+            raise Rejected("malformed_annotation", "meta-data contains NaN or inf")
+        if self.config.pose_unit == "radians":
+            angles = np.degrees(angles)
+        annotations = {
+            "human_label": _label(data["human-label"], "human-label"),
+            # Renormalise only the float rounding of the release; the values are otherwise kept exactly.
+            "soft_label": (soft_label / soft_label.sum()).tolist(),
+            "subset": subset,
+            "valence": _valence_arousal(valence, "valence"),
+            "arousal": _valence_arousal(arousal, "arousal"),
+            "landmarks": _landmarks(meta["landmark-68"], "landmark-68"),
+            "head_pose": dict(zip(("yaw", "pitch", "roll"), angles.tolist())),
+            "age": age,
+            "gender": gender,
+            "ethnicity": race,
+        }
+        return Record(_image_id(self.root, image_path), split, origin, None, image_path, None, annotations)
+
+
+def _class_name(name: str) -> str:
+    return str(name).strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def _label_from_name(name: str) -> int:
+    """An emotion folder/CSV label: an AffectNet code (``1``) or a name (``happy``, ``Happy``)."""
+    text = str(name).strip().lower().replace(" ", "_").replace("-", "_")
+    if text in HUMAN_LABELS:
+        return HUMAN_LABELS.index(text)
+    aliases = {"happiness": 1, "sadness": 2, "surprised": 3, "fearful": 4, "disgusted": 5, "angry": 6}
+    if text in aliases:
+        return aliases[text]
+    return _label(text)
+
+
+class ImageFolderReader:
+    """Another FER dataset as ``ROOT/<split>/<emotion name or code>/*.jpg`` (splits: train,
+    validation (or val), unlabeled). Each image is taken whole as the face."""
+
+    columns = ("image_id", "image", "human_label")
+    ethnicity_classes = ETHNICITY_CLASSES
+    SPLIT_DIRS = {"train": ("train",), "validation": ("validation", "val"), "unlabeled": ("unlabeled",)}
+
+    def __init__(self, root, config: AffectNetPlusConfig):
+        self.root = Path(root).resolve()
+        self.config = config
+        if not self.splits():
+            raise FileNotFoundError(f"{root} has none of the split folders train/, validation/, unlabeled/")
+
+    def _split_dir(self, split: str) -> Path | None:
+        return next((self.root / d for d in self.SPLIT_DIRS[split] if (self.root / d).is_dir()), None)
+
+    def splits(self) -> list[str]:
+        return [split for split in self.SPLIT_DIRS if self._split_dir(split) is not None]
+
+    def records(self, split: str) -> Iterator[Record | Rejection]:
+        split_dir = self._split_dir(split)
+        for label_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            try:
+                label = _label_from_name(label_dir.name)
+            except Rejected as err:
+                for path in _image_files(label_dir):
+                    yield Rejection(
+                        path.relative_to(self.root).as_posix(), None, err.reason, f"folder {label_dir.name!r}"
+                    )
+                continue
+            for path in _image_files(label_dir):
+                origin = path.relative_to(self.root).as_posix()
+                resolved = path.resolve()
+                if not resolved.is_relative_to(self.root):  # a symlink pointing out of the source
+                    yield Rejection(origin, None, "path_escapes_root", str(path))
+                    continue
+                image_id = _image_id(self.root, path.parent.resolve() / path.name)
+                yield Record(image_id, split, origin, None, resolved, None, {"human_label": label})
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+
+
+class CsvReader:
+    """Another FER dataset as a CSV with columns ``path,label`` and optionally ``split`` (default
+    ``train``); paths are relative to the CSV's folder, labels are names or AffectNet codes."""
+
+    columns = ("image_id", "image", "human_label")
+    ethnicity_classes = ETHNICITY_CLASSES
+
+    def __init__(self, source, config: AffectNetPlusConfig):
+        self.csv_path = Path(source).resolve()
+        if not self.csv_path.is_file():
+            raise FileNotFoundError(f"{source} is not a CSV file")
+        self.root = self.csv_path.parent
+        self.config = config
+        with open(self.csv_path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if not {"path", "label"} <= set(header):
+            raise ValueError(f"{source} must have a header with columns path,label[,split]; got {header}")
+
+    def _rows(self) -> Iterator[tuple[int, dict]]:
+        with open(self.csv_path, newline="", encoding="utf-8", errors="replace") as f:
+            yield from enumerate(csv.DictReader(f), start=2)
+
+    def splits(self) -> list[str]:
+        found = {(row.get("split") or "train").strip() for _, row in self._rows()}
+        return [split for split in ("train", "validation", "unlabeled") if split in found] + sorted(
+            found - {"train", "validation", "unlabeled"}
+        )
+
+    def records(self, split: str) -> Iterator[Record | Rejection]:
+        for line_number, row in self._rows():
+            if (row.get("split") or "train").strip() != split:
+                continue
+            origin = self.csv_path.name
+            try:
+                if None in row or None in row.values():
+                    raise Rejected("malformed_row", "wrong number of fields")
+                path = resolve_inside(self.root, row["path"].strip())
+                label = _label_from_name(row["label"])
+            except Rejected as err:
+                yield Rejection(origin, line_number, err.reason, err.detail)
+                continue
+            yield Record(_image_id(self.root, path), split, origin, line_number, path, None, {"human_label": label})
+
+
+READERS = {
+    "affectnet": AffectNetReader,
+    "affectnet-plus": AffectNetPlusReader,
+    "imagefolder": ImageFolderReader,
+    "csv": CsvReader,
+}
+
+
+def open_source(source, config: AffectNetPlusConfig):
+    """The reader for ``config.source_format`` over ``source`` (a folder, or a CSV file)."""
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"source {source} does not exist")
+    return READERS[config.source_format](source, config)
+
+
+def make_example(record: Record, config: AffectNetPlusConfig, columns) -> dict:
+    """Decodes and crops a record's image and returns its row (only ``columns``), or raises ``Rejected``."""
+    landmarks = record.annotations.get("landmarks")
+    jpeg, crop_landmarks = crop_face(
+        record.image_path,
+        record.face_box,
+        landmarks,
+        face_size=config.face_size,
+        crop_margin=config.crop_margin,
+        jpeg_quality=config.jpeg_quality,
+        max_image_pixels=config.max_image_pixels,
+    )
+    example = {name: record.annotations.get(name) for name in columns}
+    example["image_id"] = record.image_id
+    example["image"] = {"bytes": jpeg, "path": None}
+    if "landmarks" in columns:
+        example["landmarks"] = crop_landmarks
+    return example

@@ -1,0 +1,1 @@
+"""Thin command-line entry points (``main(argv=None)``); the logic lives in ``builder/`` and ``models/``."""
