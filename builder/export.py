@@ -119,7 +119,7 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> Path:
     report = out / "build_report.json"
     if overwrite and out.exists():
         shutil.rmtree(out)
-    if (work / "fingerprint.json").is_file():
+    if state.is_file():
         if json.loads(state.read_text()) != fingerprint:
             raise FileExistsError(
                 f"{out} holds an unfinished build with other arguments; re-run those, or pass --overwrite"
@@ -128,12 +128,14 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> Path:
         if json.loads(report.read_text()).get("fingerprint") != fingerprint:
             raise FileExistsError(f"{out} holds a different build; choose another --out or pass --overwrite")
         shutil.rmtree(work, ignore_errors=True)  # a finished build with the same arguments: rebuild in place
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != WORK_DIR for p in out.iterdir()):
         raise FileExistsError(f"{out} exists and is not an AffectNet+ build; choose another --out or pass --overwrite")
+    else:
+        shutil.rmtree(work, ignore_errors=True)  # killed before the fingerprint was written: start afresh
     (work / "rejects").mkdir(parents=True, exist_ok=True)
     for stale in work.glob("tmp-*"):
         stale.unlink()
-    state.write_text(json.dumps(fingerprint, indent=2))
+    _write_atomic(state, json.dumps(fingerprint, indent=2), work)
     return work
 
 

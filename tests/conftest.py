@@ -74,8 +74,10 @@ def make_affectnet(tmp_path):
                 writer.writerows(rows)
             if images:
                 for i, row in enumerate(rows):
+                    if not row or ".." in str(row[0]) or os.path.isabs(str(row[0])):
+                        continue
                     target = root / image_dir / str(row[0])
-                    if ".." in str(row[0]) or os.path.isabs(str(row[0])) or target.exists():
+                    if target.exists():
                         continue
                     target.parent.mkdir(parents=True, exist_ok=True)
                     face_image(300, 280, seed=i).save(target, "JPEG", quality=90)

@@ -1,0 +1,289 @@
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import load_dataset
+from PIL import Image
+
+from affectnet_plus import AffectNetPlus, AffectNetPlusConfig, select_features
+from builder.export import BuildOptions, build
+from builder.sources import AffectNetPlusReader, AffectNetReader
+from tests.conftest import affectnet_row, face_image, write_release_annotation
+
+QUIET = BuildOptions(progress=False)
+
+
+def _files(out: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file in a built folder."""
+    return {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_built_folder_loads_with_declared_features(small_affectnet, tmp_path, monkeypatch):
+    out = tmp_path / "site" / "affectnet_plus"
+    report = build(small_affectnet, out, AffectNetPlusConfig(), BuildOptions(shard_rows=5, progress=False))
+    assert report["read"] == report["written"] == 20 and report["rejected"] == {}
+    assert report["configs"]["default"] == {"train": 12, "validation": 4, "unlabeled": 4}
+    assert sorted(p.name for p in (out / "data/default").iterdir())[:3] == [
+        "train-00000-of-00003.parquet",
+        "train-00001-of-00003.parquet",
+        "train-00002-of-00003.parquet",
+    ]
+    assert not (out / ".build").exists()
+    expected = select_features(AffectNetReader.columns)
+
+    monkeypatch.chdir(out.parent)  # a local folder wins over a Hub id: load_dataset("affectnet_plus")
+    dataset = load_dataset("affectnet_plus")
+    assert {s: len(d) for s, d in dataset.items()} == {"train": 12, "validation": 4, "unlabeled": 4}
+    assert dataset["train"].features == expected
+    row = dataset["train"][0]
+    assert row["image"].size == (224, 224) and row["image"].mode == "RGB"
+    assert np.asarray(row["landmarks"]).shape == (68, 2)
+    assert row["image_id"] == "Manually_Annotated_Images/0/t0000"
+
+    labels = load_dataset("affectnet_plus", "labels")
+    assert "image" not in labels["train"].features
+    assert labels["train"]["image_id"] == dataset["train"]["image_id"]
+
+    streamed = load_dataset("affectnet_plus", split="validation", streaming=True)
+    assert streamed.features == expected
+    assert [r["image_id"] for r in streamed] == dataset["validation"]["image_id"]
+
+    card = (out / "README.md").read_text()
+    assert "read = written + rejected: 20 = 20 + 0" in card
+    assert "non-commercial academic research" in card
+
+
+def _bomb_png(path: Path) -> None:
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def test_every_row_is_written_or_rejected_with_its_reason(make_affectnet, tmp_path):
+    names = ["ok", "gray", "cmyk", "png", "exif", "missing", "empty", "text", "truncated", "bomb", "ok"]
+    rows = [affectnet_row(f"0/{n}.jpg", seed=i) for i, n in enumerate(names)]
+    rows.append(affectnet_row("0/nan.jpg", valence=float("nan")))
+    rows.append(affectnet_row("0/label.jpg", label=12))
+    rows.append(affectnet_row("../outside.jpg"))
+    root = make_affectnet({"train": rows, "validation": [affectnet_row("1/v.jpg", valence=-2, arousal=-2)]})
+    images = root / "Manually_Annotated_Images/0"
+    face_image(300, 280).convert("L").save(images / "gray.jpg")
+    face_image(300, 280).convert("CMYK").save(images / "cmyk.jpg")
+    face_image(300, 280).save(images / "png.jpg", format="PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    face_image(280, 300).save(images / "exif.jpg", exif=exif)
+    (images / "missing.jpg").unlink()
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "text.jpg").write_text("not an image")
+    data = (images / "ok.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    _bomb_png(images / "bomb.jpg")
+
+    out = tmp_path / "out"
+    report = build(root, out, AffectNetPlusConfig(), QUIET)
+    assert report["read"] == 15
+    assert report["written"] == 6  # ok, gray, cmyk, png, exif + the validation row
+    assert report["rejected"] == {
+        "decompression_bomb": 1,
+        "duplicate_image_id": 1,
+        "empty_file": 1,
+        "label_out_of_range": 1,
+        "malformed_row": 1,
+        "missing_file": 1,
+        "not_an_image": 1,
+        "path_escapes_root": 1,
+        "truncated_image": 1,
+    }
+    assert report["read"] == report["written"] + sum(report["rejected"].values())
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 9
+    assert {r["row"] for r in rejects} == {7, 8, 9, 10, 11, 12, 13, 14, 15}
+    assert all(r["source"] == "Manually_Annotated_file_lists/training.csv" for r in rejects)
+    assert json.loads((out / "build_report.json").read_text())["rejected"] == report["rejected"]
+
+    dataset = load_dataset(str(out))
+    assert sorted(dataset["train"]["image_id"]) == sorted(f"Manually_Annotated_Images/0/{n}" for n in names[:5])
+    assert all(img.mode == "RGB" and img.size == (224, 224) for img in dataset["train"]["image"])
+    assert dataset["validation"][0]["valence"] is None  # AffectNet's -2 sentinel is a null
+
+
+def _release(root: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    for part in ("human_annotated/train_set", "human_annotated/validation_set"):
+        (root / part / "images").mkdir(parents=True)
+        for i in range(n):
+            face_image(224, 224, seed=i).save(root / part / "images" / f"{i:03d}.jpg", quality=90)
+            soft = rng.dirichlet(np.ones(8))
+            write_release_annotation(root / part / "annotations" / f"{i:03d}.json", label=i % 8, soft=soft.tolist(),
+                                     subset=i % 3)  # fmt: skip
+    return root
+
+
+def test_release_build_keeps_soft_labels_and_writes_subset_configs(tmp_path):
+    root = _release(tmp_path / "release", 9)
+    out = tmp_path / "out"
+    report = build(
+        root, out, AffectNetPlusConfig(source_format="affectnet-plus"), BuildOptions(shard_rows=2, progress=False)
+    )
+    assert set(report["configs"]) == {"default", "labels", "easy", "challenging", "difficult"}
+    assert report["configs"]["easy"] == {"train": 3, "validation": 3}
+
+    reader = AffectNetPlusReader(root, AffectNetPlusConfig(source_format="affectnet-plus"))
+    full = load_dataset(str(out), split="train")
+    assert full.features == select_features(AffectNetPlusReader.columns, reader.ethnicity_classes)
+    original = json.loads((root / "human_annotated/train_set/annotations/004.json").read_text())
+    row = full[4]
+    assert row["soft_label"] == pytest.approx(original["soft-label"], abs=1e-6)
+    assert row["subset"] == original["subset"]
+    assert row["image"].size == (224, 224)
+    # 224 px JPEGs are stored byte for byte, not re-encoded
+    stored = load_dataset(str(out), split="train").cast_column("image", full.features["image"].__class__(decode=False))
+    assert stored[4]["image"]["bytes"] == (root / "human_annotated/train_set/images/004.jpg").read_bytes()
+
+    easy = load_dataset(str(out), "easy")
+    assert set(easy["train"]["subset"]) == {0} and len(easy["train"]) == 3
+    assert sorted(p.name for p in (out / "data/easy").iterdir()) == [
+        "train-00000-of-00002.parquet", "train-00001-of-00002.parquet",
+        "validation-00000-of-00002.parquet", "validation-00001-of-00002.parquet",
+    ]  # fmt: skip
+    assert "easy = load_dataset" in (out / "README.md").read_text()
+
+
+def test_parallel_build_is_byte_identical(small_affectnet, tmp_path):
+    one = tmp_path / "one" / "affectnet_plus"
+    two = tmp_path / "two" / "affectnet_plus"
+    build(small_affectnet, one, AffectNetPlusConfig(), BuildOptions(shard_rows=3, progress=False))
+    build(small_affectnet, two, AffectNetPlusConfig(), BuildOptions(shard_rows=3, num_proc=2, progress=False))
+    assert _files(one) == _files(two)
+
+
+def test_output_folder_rules(small_affectnet, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an AffectNet\\+ build"):
+        build(small_affectnet, out, AffectNetPlusConfig(), QUIET)
+    assert (out / "notes.txt").read_text() == "mine"
+    build(small_affectnet, out, AffectNetPlusConfig(), BuildOptions(overwrite=True, progress=False))
+    first = _files(out)
+    build(small_affectnet, out, AffectNetPlusConfig(), QUIET)  # same arguments: same bytes
+    assert _files(out) == first
+    with pytest.raises(FileExistsError, match="different build"):
+        build(small_affectnet, out, AffectNetPlusConfig(face_size=112), QUIET)
+
+
+def test_generator_based_builder_is_usable_directly(small_affectnet, tmp_path):
+    builder = AffectNetPlus(data_dir=str(small_affectnet), cache_dir=str(tmp_path / "cache"))
+    builder.download_and_prepare()
+    dataset = builder.as_dataset()
+    assert {s: len(d) for s, d in dataset.items()} == {"train": 12, "validation": 4, "unlabeled": 4}
+    assert dataset["train"].features == select_features(AffectNetReader.columns)
+    (Path(small_affectnet) / "Manually_Annotated_Images/0/t0000.jpg").write_bytes(b"")
+    rebuilt = AffectNetPlus(data_dir=str(small_affectnet), cache_dir=str(tmp_path / "cache2"))
+    rebuilt.download_and_prepare()
+    assert len(rebuilt.as_dataset(split="train")) == 11
+    assert [r.reason for r in rebuilt.rejections] == ["empty_file"]
+
+
+@pytest.fixture(scope="module")
+def crash_source(tmp_path_factory):
+    """80 rows of 1000x800 JPEGs (decoded in draft mode) and 2 bad rows: a build of a few seconds."""
+    root = tmp_path_factory.mktemp("crash") / "affectnet"
+    rows = [affectnet_row(f"{i % 4}/{i:03d}.jpg", box=(300, 200, 400, 420), label=i % 8, seed=i) for i in range(80)]
+    rows.insert(13, affectnet_row("9/missing.jpg"))
+    rows.insert(40, affectnet_row("1/005.jpg"))  # duplicate of row 5
+    for i in range(80):
+        path = root / "Manually_Annotated_Images" / f"{i % 4}" / f"{i:03d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        face_image(1000, 800, seed=i).save(path, quality=90)
+    import csv
+
+    from builder.sources import AFFECTNET_COLUMNS
+
+    (root / "Manually_Annotated_file_lists").mkdir()
+    with open(root / "Manually_Annotated_file_lists/training.csv", "w", newline="") as f:
+        csv.writer(f).writerows([AFFECTNET_COLUMNS, *rows])
+    return root
+
+
+def _build_command(source, out):
+    return [
+        sys.executable,
+        "-m",
+        "scripts.cli",
+        "build",
+        str(source),
+        "--out",
+        str(out),
+        "--shard-rows",
+        "3",
+        "--quiet",
+    ]
+
+
+def _kill_when(command, condition, timeout=120):
+    process = subprocess.Popen(command, cwd=Path(__file__).parents[2], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if condition():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.002)
+    process.wait()
+    return False
+
+
+@pytest.mark.slow
+def test_sigkilled_build_resumes_to_identical_bytes(crash_source, tmp_path):
+    reference = tmp_path / "reference" / "affectnet_plus"
+    subprocess.run(_build_command(crash_source, reference), check=True, cwd=Path(__file__).parents[2])
+    expected = _files(reference)
+    assert json.loads((reference / "build_report.json").read_text())["rejected"] == {
+        "duplicate_image_id": 1,
+        "missing_file": 1,
+    }
+
+    out = tmp_path / "resumed" / "affectnet_plus"
+    shards = lambda config: len(list((out / "data" / config).glob("*.parquet")))  # noqa: E731
+    kill_points = [
+        lambda: (out / ".build").exists(),  # right at the start
+        lambda: shards("default") >= 4,
+        lambda: shards("default") >= 15,
+        lambda: shards("labels") >= 1,  # while deriving the labels config
+    ]
+    killed = 0
+    for condition in kill_points:
+        if _kill_when(_build_command(crash_source, out), condition):
+            killed += 1
+            assert (out / ".build").is_dir()  # it really died unfinished
+    assert killed >= 3, "the build finished before it could be killed; make the crash source bigger"
+    subprocess.run(_build_command(crash_source, out), check=True, cwd=Path(__file__).parents[2])
+    assert _files(out) == expected
+    assert not any(p.name.startswith("tmp-") for p in out.rglob("*"))
+
+
+def test_cli_build_reports_and_errors(small_affectnet, tmp_path, capsys):
+    from scripts.cli import main
+
+    assert main(["build", str(small_affectnet), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert "read 20, written 20, rejected 0" in capsys.readouterr().out
+    assert main(["build", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert os.path.exists(tmp_path / "o" / "README.md")

@@ -1,0 +1,205 @@
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from affectnet_plus import AffectNetPlusConfig
+from builder.sources import Record, Rejection, open_source
+from tests.conftest import affectnet_row, face_image, write_release_annotation
+
+
+def _items(reader, split):
+    items = list(reader.records(split))
+    return [i for i in items if isinstance(i, Record)], [i for i in items if isinstance(i, Rejection)]
+
+
+def test_affectnet_reader_reads_all_parts(small_affectnet):
+    reader = open_source(small_affectnet, AffectNetPlusConfig(source_format="affectnet"))
+    assert reader.splits() == ["train", "validation", "unlabeled"]
+    records, rejections = _items(reader, "train")
+    assert len(records) == 12 and not rejections
+    first = records[0]
+    assert first.image_id == "Manually_Annotated_Images/0/t0000"
+    assert first.origin == "Manually_Annotated_file_lists/training.csv" and first.row == 2
+    assert first.face_box == (60.0, 50.0, 150.0, 160.0)
+    assert first.annotations["landmarks"].shape == (68, 2)
+    assert first.annotations["human_label"] == 0 and first.annotations["valence"] == 0.5
+    unlabeled, _ = _items(reader, "unlabeled")
+    assert unlabeled[0].image_id.startswith("Automatically_Annotated_Images/")
+
+
+def test_affectnet_csv_without_header_and_sentinel(make_affectnet):
+    root = make_affectnet({"validation": [affectnet_row("1/a.jpg", label=10, valence=-2, arousal=-2)]}, header=False)
+    reader = open_source(root, AffectNetPlusConfig())
+    (record,), rejections = _items(reader, "validation")
+    assert not rejections
+    assert record.row == 1
+    assert record.annotations["valence"] is None and record.annotations["arousal"] is None
+    assert record.annotations["human_label"] == 10
+
+
+def _reasons(rejections):
+    return [r.reason for r in rejections]
+
+
+def test_affectnet_malformed_rows_are_rejected_with_reasons(make_affectnet, tmp_path):
+    good = affectnet_row("0/good.jpg")
+    short_landmarks = affectnet_row("0/a.jpg")
+    short_landmarks[5] = ";".join(["1.0"] * 134)
+    nan_landmarks = affectnet_row("0/b.jpg")
+    nan_landmarks[5] = ";".join(["nan"] * 136)
+    text_box = affectnet_row("0/c.jpg")
+    text_box[1] = "left"
+    rows = [
+        good,
+        short_landmarks,
+        nan_landmarks,
+        text_box,
+        affectnet_row("0/d.jpg", label=11),
+        affectnet_row("0/e.jpg", label=-1),
+        affectnet_row("0/f.jpg", valence=1.5),
+        affectnet_row("0/g.jpg", arousal=-1.01),
+        affectnet_row("../../../etc/passwd"),
+        affectnet_row("/etc/passwd"),
+        good[:5],
+        [],
+    ]
+    root = make_affectnet({"train": rows})
+    reader = open_source(root, AffectNetPlusConfig())
+    records, rejections = _items(reader, "train")
+    assert [r.image_id for r in records] == ["Manually_Annotated_Images/0/good"]
+    assert _reasons(rejections) == [
+        "malformed_row",
+        "malformed_row",
+        "malformed_row",
+        "label_out_of_range",
+        "label_out_of_range",
+        "valence_arousal_out_of_range",
+        "valence_arousal_out_of_range",
+        "path_escapes_root",
+        "path_escapes_root",
+        "malformed_row",
+        "malformed_row",
+    ]
+    assert [r.row for r in rejections] == list(range(3, 14))
+
+
+def test_symlink_out_of_the_source_is_rejected(make_affectnet, tmp_path):
+    outside = tmp_path / "secret.jpg"
+    face_image(100, 100).save(outside)
+    root = make_affectnet({"train": [affectnet_row("0/link.jpg")]}, images=False)
+    (root / "Manually_Annotated_Images/0").mkdir(parents=True)
+    os.symlink(outside, root / "Manually_Annotated_Images/0/link.jpg")
+    _, rejections = _items(open_source(root, AffectNetPlusConfig()), "train")
+    assert _reasons(rejections) == ["path_escapes_root"]
+
+
+def test_not_an_affectnet_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a raw AffectNet folder"):
+        open_source(tmp_path, AffectNetPlusConfig())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_source(tmp_path / "missing", AffectNetPlusConfig())
+
+
+def _release(tmp_path, n=3):
+    root = tmp_path / "release"
+    for split_dir in ("human_annotated/train_set", "human_annotated/validation_set", "no_human_annotated"):
+        (root / split_dir / "images").mkdir(parents=True)
+        for i in range(n):
+            face_image(224, 224, seed=i).save(root / split_dir / "images" / f"img{i}.jpg")
+            write_release_annotation(root / split_dir / "annotations" / f"img{i}.json", label=i % 8, subset=i % 3)
+    return root
+
+
+def test_release_reader_keeps_soft_labels_and_subsets(tmp_path):
+    root = _release(tmp_path)
+    reader = open_source(root, AffectNetPlusConfig(source_format="affectnet-plus"))
+    assert reader.splits() == ["train", "validation", "unlabeled"]
+    assert reader.ethnicity_classes == ("asian", "black", "indian", "other", "white")
+    records, rejections = _items(reader, "train")
+    assert not rejections and len(records) == 3
+    ann = records[1].annotations
+    assert ann["soft_label"] == pytest.approx([0.05, 0.65, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05])
+    assert ann["subset"] == 1 and ann["human_label"] == 1
+    assert ann["head_pose"] == {"yaw": 10.0, "pitch": -5.0, "roll": 2.5}
+    assert ann["landmarks"].shape == (68, 2)
+    assert records[1].image_id == "human_annotated/train_set/images/img1"
+
+
+def test_release_pose_in_radians_is_stored_in_degrees(tmp_path):
+    root = _release(tmp_path, n=1)
+    write_release_annotation(
+        root / "human_annotated/train_set/annotations/img0.json", pose={"yaw": np.pi / 6, "pitch": 0.0, "roll": -0.1}
+    )
+    reader = open_source(root, AffectNetPlusConfig(source_format="affectnet-plus", pose_unit="radians"))
+    (record,), _ = _items(reader, "train")
+    assert record.annotations["head_pose"]["yaw"] == pytest.approx(30.0)
+    assert record.annotations["head_pose"]["roll"] == pytest.approx(-5.7296, abs=1e-3)
+
+
+def test_release_bad_annotations_are_rejections(tmp_path):
+    root = _release(tmp_path, n=6)
+    annotations = root / "human_annotated/train_set/annotations"
+    (annotations / "img0.json").write_text("{not json")
+    write_release_annotation(annotations / "img1.json", soft=[0.5] * 8)
+    write_release_annotation(annotations / "img2.json", subset=3)
+    write_release_annotation(annotations / "img3.json", race={"white": 1.0})
+    (root / "human_annotated/train_set/images/img4.jpg").unlink()
+    face_image(224, 224).save(root / "human_annotated/train_set/images/orphan.jpg")
+    records, rejections = _items(open_source(root, AffectNetPlusConfig(source_format="affectnet-plus")), "train")
+    assert [r.image_id for r in records] == ["human_annotated/train_set/images/img5"]
+    assert _reasons(rejections) == [
+        "malformed_annotation",
+        "malformed_annotation",
+        "malformed_annotation",
+        "malformed_annotation",
+        "missing_file",
+        "missing_annotation",
+    ]
+
+
+def test_imagefolder_reader_takes_names_codes_and_val(tmp_path):
+    root = tmp_path / "fer"
+    for split, label in [("train", "Happy"), ("train", "6"), ("val", "surprise"), ("train", "bored")]:
+        (root / split / label).mkdir(parents=True, exist_ok=True)
+        face_image(48, 48).save(root / split / label / "x.png")
+    reader = open_source(root, AffectNetPlusConfig(source_format="imagefolder"))
+    assert reader.splits() == ["train", "validation"]
+    records, rejections = _items(reader, "train")
+    assert sorted(r.annotations["human_label"] for r in records) == [1, 6]
+    assert [(r.reason, r.origin) for r in rejections] == [("malformed_row", "train/bored/x.png")]
+    (val,), _ = _items(reader, "validation")
+    assert val.annotations["human_label"] == 3 and val.image_id == "val/surprise/x"
+
+
+def test_csv_reader(tmp_path):
+    root = tmp_path / "csvdata"
+    (root / "img").mkdir(parents=True)
+    face_image(64, 64).save(root / "img" / "a.jpg")
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(
+            [
+                ["path", "label", "split"],
+                ["img/a.jpg", "sad", ""],
+                ["img/a.jpg", "0", "validation"],
+                ["../x.jpg", "1", ""],
+            ]
+        )
+    reader = open_source(root / "labels.csv", AffectNetPlusConfig(source_format="csv"))
+    assert reader.splits() == ["train", "validation"]
+    records, rejections = _items(reader, "train")
+    assert [r.annotations["human_label"] for r in records] == [2]
+    assert [(r.reason, r.row) for r in rejections] == [("path_escapes_root", 4)]
+    (root / "bad.csv").write_text("file,emotion\n")
+    with pytest.raises(ValueError, match="path,label"):
+        open_source(root / "bad.csv", AffectNetPlusConfig(source_format="csv"))
+
+
+def test_reader_columns_match_the_schema():
+    from affectnet_plus import FEATURES
+    from builder.sources import READERS
+
+    for reader in READERS.values():
+        assert set(reader.columns) <= set(FEATURES)
+        assert {"image_id", "image", "human_label"} <= set(reader.columns)
