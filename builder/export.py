@@ -178,7 +178,7 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 def _build_split(reader, split: str, out: Path, work: Path, features, options: BuildOptions, pool, seen: set) -> int:
     """Writes the default shards of one split; returns the number of source rows read."""
-    num_rows = sum(1 for _ in reader.records(split))  # cheap pass (text + listing) to name the shards
+    num_rows = reader.count(split)  # shard names carry the shard count: know it before the first one
     if num_rows == 0:
         return 0
     num_shards = math.ceil(num_rows / options.shard_rows)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -87,17 +88,31 @@ class Rejection:
         }
 
 
+@functools.lru_cache(maxsize=65536)
+def _real_dir(path: str) -> str:
+    # AffectNet has ~1M rows in ~1k folders: resolve each folder's symlinks once, not once per row.
+    return os.path.realpath(path)
+
+
 def resolve_inside(root: Path, relative: str) -> Path:
-    """``root / relative``, or ``Rejected("path_escapes_root")`` if it resolves outside ``root``."""
+    """``root / relative``, or ``Rejected("path_escapes_root")`` if it resolves outside ``root``.
+
+    Symbolic links count: a link (of the file or of any folder on the way) that points outside
+    ``root`` is an escape too.
+    """
     if not relative or "\x00" in relative:
         raise Rejected("malformed_row", f"bad image path {relative!r}")
-    candidate = Path(relative.replace("\\", "/"))
-    if candidate.is_absolute():
+    relative = relative.replace("\\", "/")
+    if os.path.isabs(relative):
         raise Rejected("path_escapes_root", relative)
-    resolved = (root / candidate).resolve()
-    if not resolved.is_relative_to(root.resolve()):
+    real_root = _real_dir(str(root))
+    folder, name = os.path.split(os.path.join(real_root, relative))
+    resolved = os.path.join(_real_dir(folder), name)
+    if os.path.islink(resolved):
+        resolved = os.path.realpath(resolved)
+    if os.path.commonpath([real_root, resolved]) != real_root or resolved == real_root:
         raise Rejected("path_escapes_root", relative)
-    return resolved
+    return Path(resolved)
 
 
 def _image_id(root: Path, path: Path) -> str:
@@ -172,20 +187,28 @@ class AffectNetReader:
     def splits(self) -> list[str]:
         return [split for split, (csv_path, _) in self.PARTS.items() if (self.root / csv_path).is_file()]
 
-    def records(self, split: str) -> Iterator[Record | Rejection]:
-        csv_path, images_dir = self.PARTS[split]
-        images_root = self.root / images_dir
-        with open(self.root / csv_path, newline="", encoding="utf-8", errors="replace") as f:
+    def _rows(self, split: str) -> Iterator[tuple[int, list[str]]]:
+        with open(self.root / self.PARTS[split][0], newline="", encoding="utf-8", errors="replace") as f:
             for line_number, row in enumerate(csv.reader(f), start=1):
                 if line_number == 1 and row and row[0].strip() == AFFECTNET_COLUMNS[0]:
                     continue  # header (AffectNet's validation.csv ships without one)
-                if not row or not any(cell.strip() for cell in row):
-                    yield Rejection(csv_path, line_number, "malformed_row", "empty line")
-                    continue
-                try:
-                    yield self._record(row, csv_path, line_number, split, images_root)
-                except Rejected as err:
-                    yield Rejection(csv_path, line_number, err.reason, err.detail)
+                yield line_number, row
+
+    def count(self, split: str) -> int:
+        """Rows ``records(split)`` will yield, without parsing them."""
+        return sum(1 for _ in self._rows(split))
+
+    def records(self, split: str) -> Iterator[Record | Rejection]:
+        csv_path, images_dir = self.PARTS[split]
+        images_root = self.root / images_dir
+        for line_number, row in self._rows(split):
+            if not row or not any(cell.strip() for cell in row):
+                yield Rejection(csv_path, line_number, "malformed_row", "empty line")
+                continue
+            try:
+                yield self._record(row, csv_path, line_number, split, images_root)
+            except Rejected as err:
+                yield Rejection(csv_path, line_number, err.reason, err.detail)
 
     def _record(self, row: list[str], origin: str, line_number: int, split: str, images_root: Path) -> Record:
         if len(row) != len(AFFECTNET_COLUMNS):
@@ -195,7 +218,11 @@ class AffectNetReader:
         box = tuple(_finite(values[k], k) for k in ("face_x", "face_y", "face_width", "face_height"))
         if box[2] <= 0 or box[3] <= 0:
             raise Rejected("malformed_row", f"face box {box} has no area")
-        landmarks = _landmarks([_finite(v, "landmark") for v in values["facial_landmarks"].split(";") if v.strip()])
+        try:
+            landmarks = np.array([v for v in values["facial_landmarks"].split(";") if v.strip()], dtype=np.float64)
+        except ValueError:
+            raise Rejected("malformed_row", "landmarks are not numbers") from None
+        landmarks = _landmarks(landmarks)
         annotations = {
             "human_label": _label(values["expression"], "expression"),
             "valence": _valence_arousal(_finite(values["valence"], "valence"), "valence"),
@@ -250,13 +277,19 @@ class AffectNetPlusReader:
                     continue
         return ETHNICITY_CLASSES
 
+    def _images(self, split: str) -> dict[str, Path]:
+        folder = self.root / self.PARTS[split] / "images"
+        if not folder.is_dir():
+            return {}
+        return {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+
+    def count(self, split: str) -> int:
+        """Rows ``records(split)`` will yield: one per annotation, one per image without one."""
+        annotations = {p.stem for p in self._annotation_files(split)}
+        return len(annotations) + len(set(self._images(split)) - annotations)
+
     def records(self, split: str) -> Iterator[Record | Rejection]:
-        part = self.root / self.PARTS[split]
-        images = (
-            {p.stem: p for p in (part / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-            if (part / "images").is_dir()
-            else {}
-        )
+        images = self._images(split)
         for annotation_path in self._annotation_files(split):
             origin = annotation_path.relative_to(self.root).as_posix()
             image_path = images.pop(annotation_path.stem, None)
@@ -351,6 +384,9 @@ class ImageFolderReader:
     def splits(self) -> list[str]:
         return [split for split in self.SPLIT_DIRS if self._split_dir(split) is not None]
 
+    def count(self, split: str) -> int:
+        return sum(1 for _ in self.records(split))  # listing only: cheap
+
     def records(self, split: str) -> Iterator[Record | Rejection]:
         split_dir = self._split_dir(split)
         for label_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
@@ -403,6 +439,9 @@ class CsvReader:
         return [split for split in ("train", "validation", "unlabeled") if split in found] + sorted(
             found - {"train", "validation", "unlabeled"}
         )
+
+    def count(self, split: str) -> int:
+        return sum(1 for _ in self.records(split))  # text only: cheap
 
     def records(self, split: str) -> Iterator[Record | Rejection]:
         for line_number, row in self._rows():

@@ -19,7 +19,7 @@ def _sample(args) -> int:
     from builder.sample import SampleConfig, contact_sheet, write_sample
 
     config = SampleConfig(n=args.n, seed=args.seed, layout=args.layout)
-    summary = write_sample(args.out, config, progress=not args.quiet)
+    summary = write_sample(args.out, config, progress=not args.quiet, overwrite=args.overwrite)
     if args.grid:
         contact_sheet(args.grid, config)
     print(json.dumps(summary, indent=2))
@@ -53,7 +53,7 @@ def _build(args) -> int:
 def _show(args) -> int:
     """Loads a built folder exactly as users will (``load_dataset(path)``) and prints it."""
     import numpy as np
-    from datasets import load_dataset
+    from datasets import ClassLabel, load_dataset
 
     dataset = load_dataset(args.dataset, args.config)
     print(dataset)
@@ -61,15 +61,18 @@ def _show(args) -> int:
     print("\nfeatures:")
     for name, feature in dataset[first_split].features.items():
         print(f"  {name}: {feature}")
+    features = dataset[first_split].features
     row = dataset[first_split][0]
     shown = {}
     for name, value in row.items():
         if hasattr(value, "size") and hasattr(value, "mode"):
             shown[name] = f"<{value.mode} image {value.size[0]}x{value.size[1]}>"
+        elif isinstance(features[name], ClassLabel) and value is not None and value >= 0:
+            shown[name] = f"{value} ({features[name].int2str(value)})"
         elif isinstance(value, list) and value and isinstance(value[0], list):
-            shown[name] = f"<{np.asarray(value).shape} array, first {value[0]}>"
+            shown[name] = f"<{np.asarray(value).shape} array, first {np.round(value[0], 2).tolist()}>"
         else:
-            shown[name] = value
+            shown[name] = np.round(value, 4).tolist() if isinstance(value, (float, list)) else value
     print(f"\nfirst {first_split} row:")
     for name, value in shown.items():
         print(f"  {name}: {value}")
@@ -97,6 +100,7 @@ def make_parser() -> argparse.ArgumentParser:
     sample.add_argument("--layout", choices=("affectnet", "affectnet-plus"), default="affectnet",
                         help="raw AffectNet layout or the AffectNet+ release layout (default: affectnet)")  # fmt: skip
     sample.add_argument("--grid", type=Path, help="also write a contact sheet PNG of some faces here")
+    sample.add_argument("--overwrite", action="store_true", help="replace a sample already in OUT")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(func=_sample)
 

@@ -203,3 +203,18 @@ def test_reader_columns_match_the_schema():
     for reader in READERS.values():
         assert set(reader.columns) <= set(FEATURES)
         assert {"image_id", "image", "human_label"} <= set(reader.columns)
+
+
+def test_count_matches_records_for_every_reader(make_affectnet, tmp_path):
+    root = make_affectnet({"train": [affectnet_row("0/a.jpg"), affectnet_row("../b.jpg"), []]})
+    release = tmp_path / "release"
+    (release / "no_human_annotated/images").mkdir(parents=True)
+    face_image(224, 224).save(release / "no_human_annotated/images/orphan.jpg")
+    write_release_annotation(release / "no_human_annotated/annotations/x.json")
+    folder = tmp_path / "folder"
+    (folder / "train/happy").mkdir(parents=True)
+    face_image(48, 48).save(folder / "train/happy/a.png")
+    for source, fmt in [(root, "affectnet"), (release, "affectnet-plus"), (folder, "imagefolder")]:
+        reader = open_source(source, AffectNetPlusConfig(source_format=fmt))
+        for split in reader.splits():
+            assert reader.count(split) == len(list(reader.records(split))) > 0
