@@ -79,6 +79,29 @@ def _show(args) -> int:
     return 0
 
 
+def _train_experts(args) -> int:
+    from models.expert import train_experts
+    from scripts.train_expert import train_config
+
+    manifest = train_experts(
+        args.data,
+        args.output_dir,
+        train_config(args, args.output_dir),
+        num_folds=args.num_folds,
+        preset=args.preset,
+        init_from=args.init_from,
+        image_size=args.image_size,
+        emotions=tuple(args.emotions),
+    )
+    for entry in manifest["experts"]:
+        auroc = entry["metrics"].get("heldout_auroc")
+        print(
+            f"  {entry['emotion']:>9} fold {entry['fold']}: held-out AUROC {auroc if auroc is None else round(auroc, 3)}"
+        )
+    print(f"manifest: {Path(args.output_dir) / 'manifest.json'}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="affectnet-plus",
@@ -129,6 +152,24 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace OUT if it holds another build")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_build)
+
+    from affectnet_plus import EMOTIONS
+    from scripts.train_expert import add_expert_arguments, add_training_arguments
+
+    experts = commands.add_parser(
+        "train-experts",
+        help="train all 8 emotions x K folds one-vs-rest ViT experts and write experts/manifest.json",
+        description="Train the cross-fitted expert ensemble: for each emotion and fold, a two-label ViT "
+        "trained on balanced one-vs-rest epochs of the train rows outside that fold. Experts already "
+        "finished in --output-dir are kept. For several GPUs, run it under `accelerate launch`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_expert_arguments(experts)
+    experts.add_argument("--output-dir", required=True, type=Path, help="folder of the experts and manifest.json")
+    experts.add_argument("--emotions", nargs="+", choices=EMOTIONS, default=list(EMOTIONS),
+                         help="train only these emotions")  # fmt: skip
+    add_training_arguments(experts)
+    experts.set_defaults(func=_train_experts)
 
     show = commands.add_parser(
         "show",

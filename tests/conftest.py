@@ -115,3 +115,24 @@ def write_release_annotation(path: Path, label=1, soft=None, subset=0, race=None
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="session")
+def built_sample(tmp_path_factory):
+    """The bundled sample (120 rendered faces) built into an AffectNet+ folder, shared by the session."""
+    from affectnet_plus import AffectNetPlusConfig
+    from builder.export import BuildOptions, build
+    from builder.sample import SampleConfig, write_sample
+
+    root = tmp_path_factory.mktemp("sample")
+    write_sample(root / "raw", SampleConfig(n=120, seed=0))
+    build(root / "raw", root / "affectnet_plus", AffectNetPlusConfig(), BuildOptions(progress=False))
+    return root / "affectnet_plus"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

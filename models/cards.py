@@ -1,0 +1,155 @@
+"""Model cards of the checkpoints (huggingface_hub ``ModelCard`` with ``EvalResult``s).
+
+Example:
+    >>> from models.cards import expert_card  # doctest: +SKIP
+    >>> expert_card(config, results).save("experts/happy-f0/README.md")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import DatasetCard, EvalResult, ModelCard, ModelCardData
+
+EXPERT_TEMPLATE = """---
+{{ card_data }}
+---
+
+# AffectNet+ expert: {{ emotion }} (fold {{ fold }} of {{ num_folds }})
+
+A one-vs-rest facial-expression expert: `P({{ emotion }} present | face)`. It is one of the
+8 emotions x {{ num_folds }} folds ViT experts whose cross-fitted predictions become the soft labels of
+AffectNet+ (Fard et al., arXiv:2410.22506; this is an independent reimplementation). It was trained
+on the train rows of `{{ dataset }}` whose fold is not {{ fold }} (fold = sha1(image_id) mod {{ num_folds }}),
+in balanced epochs: every `{{ emotion }}` row and as many rows drawn evenly from the other 7 emotions.
+
+```python
+from transformers import pipeline
+
+expert = pipeline("image-classification", model="PATH_OR_HUB_ID")
+expert("face.jpg")   # [{'label': '{{ emotion }}', 'score': ...}, {'label': 'not_{{ emotion }}', 'score': ...}]
+```
+
+Input: a face crop, resized to {{ image_size }}x{{ image_size }}, normalised with mean {{ mean }} and std {{ std }}.
+
+## Results
+
+{{ results_table }}
+
+AUROC and balanced accuracy are computed one-vs-rest on rows labelled with one of the 8 emotions;
+ECE is the expected calibration error of `P({{ emotion }})` (15 equal-width bins).
+`heldout` is this expert's own fold of the train split, which it never saw.
+
+## Training
+
+{{ training_table }}
+
+## License
+
+{{ license_text }}
+"""
+
+
+def _table(rows: list[tuple[str, object]], header=("", "")) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def dataset_license(data) -> tuple[dict, str]:
+    """The card license fields and a sentence, inherited from the training data's own card."""
+    try:
+        card = DatasetCard.load(Path(data) / "README.md")
+        license_id = card.data.get("license") or "unknown"
+    except (OSError, ValueError):
+        license_id = "unknown"
+    if license_id == "other":
+        fields = {"license": "other", "license_name": card.data.get("license_name"),
+                  "license_link": card.data.get("license_link")}  # fmt: skip
+        text = (
+            "The weights were trained on AffectNet-derived data, which its license allows for non-commercial "
+            "academic research only; the same terms apply to these weights. Share them only with people who "
+            "hold the AffectNet license (keep Hub repositories private or gated)."
+        )
+        return fields, text
+    return {"license": license_id}, f"Inherited from the training data: `{license_id}`."
+
+
+def expert_card(config, results: dict) -> ModelCard:
+    """The model card of one expert from its ``ExpertConfig`` and the results of ``fit``."""
+    dataset = Path(config.data).name
+    evals = []
+    for split in ("validation", "heldout"):
+        for metric, name in (("auroc", "AUROC"), ("balanced_accuracy", "balanced accuracy"), ("ece", "ECE")):
+            value = results.get(f"{split}_{metric}")
+            if value is not None and value == value:  # skip NaN (one class only)
+                evals.append(
+                    EvalResult(
+                        task_type="image-classification",
+                        dataset_type=dataset,
+                        dataset_name=f"{dataset} ({split})",
+                        dataset_split="validation" if split == "validation" else f"train (fold {config.fold})",
+                        metric_type=metric,
+                        metric_name=name,
+                        metric_value=round(float(value), 4),
+                    )
+                )
+    license_fields, license_text = dataset_license(config.data)
+    data = ModelCardData(
+        model_name=f"affectnet-plus-expert-{config.emotion}-f{config.fold}",
+        base_model=config.init_from if config.init_from and not Path(config.init_from).exists() else None,
+        datasets=[dataset],
+        tags=[
+            "image-classification",
+            "vision-transformer",
+            "facial-expression-recognition",
+            "affectnet-plus",
+            f"emotion-{config.emotion}",
+        ],  # fmt: skip
+        pipeline_tag="image-classification",
+        library_name="transformers",
+        eval_results=evals or None,
+        **license_fields,
+    )
+    metric_rows = [
+        (key, round(value, 4) if isinstance(value, float) else value)
+        for key, value in results.items()
+        if key.startswith(("validation_", "heldout_", "train_")) and not isinstance(value, (dict, list))
+    ]
+    training = config.train
+    image_size = results.get("image_size", config.image_size)
+    return ModelCard.from_template(
+        data,
+        template_str=EXPERT_TEMPLATE,
+        emotion=config.emotion,
+        fold=config.fold,
+        num_folds=config.num_folds,
+        dataset=dataset,
+        image_size=image_size,
+        mean=results.get("image_mean"),
+        std=results.get("image_std"),
+        results_table=_table(metric_rows, ("metric", "value")),
+        training_table=_table(
+            [
+                (
+                    "architecture",
+                    f"ViT, preset `{config.preset}`"
+                    + (f", from `{config.init_from}`" if config.init_from else ", random init"),
+                ),
+                ("epochs / steps", f"{results.get('epoch')} / {results.get('step')}"),
+                (
+                    "batch size per device x accumulation x processes",
+                    f"{training.per_device_batch_size} x {training.gradient_accumulation_steps} x {results.get('num_processes')}",
+                ),
+                (
+                    "optimizer",
+                    f"AdamW, lr {training.learning_rate:g}, weight decay {training.weight_decay:g}, cosine, warmup {training.warmup_ratio:g}",
+                ),
+                ("loss", "class-balanced cross-entropy over the two labels"),
+                ("augmentation", "random resized crop, horizontal flip, rotation, colour jitter (on device)"),
+                ("seed", training.seed),
+            ],
+            ("setting", "value"),
+        ),
+        license_text=license_text,
+    )
