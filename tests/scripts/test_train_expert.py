@@ -160,3 +160,11 @@ def test_pixel_pipeline_matches_the_saved_processor(built_sample, tmp_path):
     expected = processor(image, return_tensors="pt")["pixel_values"]
     ours = BatchTransform(64).eval()(decode_image(image, 64)[None])
     assert np.abs((expected - ours).numpy()).max() < 0.02
+
+
+def test_gradient_accumulation_counts_optimizer_steps(built_sample, tmp_path):
+    out = tmp_path / "accumulate"
+    assert main(_args(built_sample, out, "--max-steps", "2", "--gradient-accumulation-steps", "2")) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["step"] == 2
+    assert results["train_samples"] == 2 * 2 * 4  # steps x micro-batches x batch size
