@@ -42,6 +42,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from affectnet_plus import EMOTIONS, HUMAN_LABELS
 from builder.face3d import MEAN_FACE_68
+from builder.sources import AFFECTNET_COLUMNS, AFFECTNET_VA_SENTINEL
 
 __all__ = [
     "EMOTION_PRIOR",
@@ -59,18 +60,8 @@ __all__ = [
 K = len(EMOTIONS)
 NONE, UNCERTAIN, NON_FACE = HUMAN_LABELS.index("none"), HUMAN_LABELS.index("uncertain"), HUMAN_LABELS.index("non_face")
 LAYOUTS = ("affectnet", "affectnet-plus")
-CSV_COLUMNS = (
-    "subDirectory_filePath",
-    "face_x",
-    "face_y",
-    "face_width",
-    "face_height",
-    "facial_landmarks",
-    "expression",
-    "valence",
-    "arousal",
-)
-VA_SENTINEL = -2  # AffectNet's valence/arousal for uncertain and non-face rows
+CSV_COLUMNS = AFFECTNET_COLUMNS  # written exactly as raw AffectNet, read back by builder.sources
+VA_SENTINEL = int(AFFECTNET_VA_SENTINEL)  # AffectNet's valence/arousal for uncertain and non-face rows
 
 # Mildly imbalanced like AffectNet (happy and neutral most frequent), but every emotion >= 8 % so a
 # sample of a few hundred rows still has positives of each class for the one-vs-rest experts.
