@@ -42,6 +42,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from affectnet_plus import EMOTIONS, HUMAN_LABELS
 from builder.face3d import MEAN_FACE_68
+from builder.softlabel import FusionConfig, subsets
 from builder.sources import AFFECTNET_COLUMNS, AFFECTNET_VA_SENTINEL
 
 __all__ = [
@@ -935,18 +936,6 @@ def _soft_label(rng: np.random.Generator, dominant: int, mass: tuple[float, floa
     return w / w.sum()
 
 
-def _subset(soft_label: np.ndarray, label: int) -> int:
-    """DESIGN §5.6: easy (0) if s_h ranks first and s_h >= 0.5; difficult (2) if it ranks third or
-    lower or s_h < 0.15; challenging (1) otherwise."""
-    s_h = soft_label[label]
-    rank = 1 + int((soft_label > s_h).sum())
-    if rank == 1 and s_h >= 0.5:
-        return 0
-    if rank >= 3 or s_h < 0.15:
-        return 2
-    return 1
-
-
 def _name(seed: int, index: int) -> tuple[int, str]:
     """(subdirectory, file stem): AffectNet-like 56-hex names, a function of seed and index only."""
     digest = hashlib.sha224(f"affectnet-plus-sample:{seed}:{index}".encode()).hexdigest()
@@ -1121,7 +1110,7 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
     truth: list[dict] = []
     counts = {"splits": dict.fromkeys(("train", "validation", "unlabeled"), 0), "labels": [0] * len(HUMAN_LABELS)}
     agree = {"labelled": [0, 0], "unlabeled": [0, 0]}
-    subsets = [0, 0, 0]
+    subset_counts = [0, 0, 0]
     for index in tqdm(range(config.n), disable=not progress, desc="rendering sample", unit="img"):
         split = splits[index]
         ex = _example(config, index, split, codes[index])
@@ -1157,8 +1146,8 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
             noisy = (ex["noisy_landmarks"] - origin) * scale
             soft = np.round(ex["soft_label"], 4)
             soft = soft / soft.sum()
-            subset = _subset(soft, ex["human_label"])
-            subsets[subset] += 1
+            subset = int(subsets(soft[None], np.array([ex["human_label"]]), FusionConfig())[0])
+            subset_counts[subset] += 1
             va = ex["written_va"]
             annotation = {
                 "human-label": ex["human_label"],
@@ -1220,7 +1209,7 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
         "non_emotion_rows": sum(c is not None for c in codes),
     }
     if config.layout == "affectnet-plus":
-        summary["subsets"] = dict(zip(("easy", "challenging", "difficult"), subsets))
+        summary["subsets"] = dict(zip(("easy", "challenging", "difficult"), subset_counts))
     return summary
 
 

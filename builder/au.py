@@ -1,0 +1,183 @@
+"""The AU component of the soft label: action-unit intensities and EMFACS emotion scores from 68 landmarks.
+
+Each face's iBUG-68 landmarks are similarity-aligned (translation, rotation, scale: Umeyama on the
+points that expressions barely move — eye corners, nose, jaw ends) to a neutral reference, the frontal
+projection of ``builder.face3d.MEAN_FACE_68``. Every distance below is in units of the reference's
+inter-ocular distance (between the eye centres), and every AU intensity is its geometric change from
+the reference divided by a full-scale value, clipped to [0, 1]. The geometric proxies:
+
+========  ======================  =================================================================
+AU        name                    proxy (points in iBUG-68 numbering)
+========  ======================  =================================================================
+AU1       inner brow raiser       rise of the inner brow ends 21, 22 above the inner eye corners 39, 42
+AU2       outer brow raiser       rise of the outer brow ends 17, 26 above the outer eye corners 36, 45
+AU4       brow lowerer            drop of the brow middles 19, 24 towards the eyes, plus the inner
+                                  brow ends 21, 22 drawing together
+AU5       upper lid raiser        eye opening (upper lids 37, 38 / 43, 44 to lower 41, 40 / 47, 46) wider
+AU6/7     cheek raiser /          eye opening narrower (lower lids pushed up, lids tightened)
+          lid tightener
+AU9       nose wrinkler           the nostril wings 31, 35 rising towards the eyes
+AU12      lip corner puller       both lip corners 48, 54 rising above the lips' midline (51 + 57) / 2
+AU14      dimpler                 lip corners pulled outward: mouth width (48 to 54) larger
+AU15      lip corner depressor    both lip corners dropping below the lips' midline
+AU20      lip stretcher           mouth width larger while the corners stay level
+AU23      lip tightener           lips thinner: upper (51 to 62) plus lower (66 to 57) lip height
+AU25      lips part               inner lips 62 and 66 apart
+AU26      jaw drop                chin 8 further below the nose tip 33
+========  ======================  =================================================================
+
+Emotion scores follow EMFACS prototypes (DESIGN §5.4): happy 6+12; sad 1+4+15; surprise 1+2+5+26;
+fear 1+2+4+5+20+26; disgust 9+15; anger 4+5+7+23; contempt the *unilateral* 12/14 (the difference
+between the two lip corners' rise); neutral 1 - max_j u_j. A score is the mean intensity of its
+prototype's AUs; the 8 scores are normalised to sum to 1.
+
+The full-scale values are calibrated so that a full-intensity prototype of the bundled sample's face
+model gives intensity ~1; another landmark detector may warrant others (``AUConfig``). Out-of-plane
+head rotation (yaw, pitch) foreshortens the 2-D geometry and is not undone.
+
+Example:
+    >>> import numpy as np
+    >>> from builder.au import au_scores, reference_landmarks
+    >>> scores = au_scores(reference_landmarks()[None] * 100 + 50)
+    >>> int(scores.argmax()), round(float(scores.sum()), 4)
+    (0, 1.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from affectnet_plus import EMOTIONS
+from builder.face3d import MEAN_FACE_68
+from builder.softlabel import normalise
+
+AUS = ("AU1", "AU2", "AU4", "AU5", "AU6/7", "AU9", "AU12", "AU14", "AU15", "AU20", "AU23", "AU25", "AU26")
+# Points that expressions barely move: the alignment is fitted on these.
+STABLE_POINTS = np.array([0, 16, 27, 28, 29, 30, 31, 33, 35, 36, 39, 42, 45])
+PROTOTYPES = {
+    "happy": ("AU6/7", "AU12"),
+    "sad": ("AU1", "AU4", "AU15"),
+    "surprise": ("AU1", "AU2", "AU5", "AU26"),
+    "fear": ("AU1", "AU2", "AU4", "AU5", "AU20", "AU26"),
+    "disgust": ("AU9", "AU15"),
+    "anger": ("AU4", "AU5", "AU6/7", "AU23"),
+}
+# Change (in inter-ocular distances) that counts as full intensity, per AU; "contempt" is the
+# asymmetry of the two lip corners' rise.
+FULL_SCALE = {
+    "AU1": 0.15, "AU2": 0.14, "AU4": 0.20, "AU5": 0.07, "AU6/7": 0.05, "AU9": 0.05, "AU12": 0.18,
+    "AU14": 0.20, "AU15": 0.12, "AU20": 0.20, "AU23": 0.06, "AU25": 0.30, "AU26": 0.30, "contempt": 0.10,
+}  # fmt: skip
+
+
+@dataclass
+class AUConfig:
+    """Full-scale values of the AU intensities (``FULL_SCALE`` by default)."""
+
+    full_scale: dict[str, float] = field(default_factory=lambda: dict(FULL_SCALE))
+
+    def __post_init__(self):
+        missing = set(FULL_SCALE) - set(self.full_scale)
+        if missing:
+            raise ValueError(f"full_scale lacks {sorted(missing)}")
+        if any(v <= 0 for v in self.full_scale.values()):
+            raise ValueError("full-scale values must be > 0")
+
+
+def reference_landmarks() -> np.ndarray:
+    """The neutral reference: the 3-D mean face seen from the front, (68, 2), inter-ocular distance 1."""
+    points = MEAN_FACE_68[:, :2]
+    return (points - points.mean(0)) / _iod(points[None])[0]
+
+
+def _iod(points: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(points[:, 42:48].mean(1) - points[:, 36:42].mean(1), axis=-1)
+
+
+def align(landmarks: np.ndarray) -> np.ndarray:
+    """Similarity-aligns (N, 68, 2) landmarks to ``reference_landmarks()`` (Umeyama, on ``STABLE_POINTS``)."""
+    reference = reference_landmarks()
+    src = landmarks[:, STABLE_POINTS]
+    dst = reference[STABLE_POINTS]
+    src_mean, dst_mean = src.mean(1, keepdims=True), dst.mean(0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    # Rotation + scale as a complex number a + ib minimising |a*src - dst|^2 (2-D Procrustes, no reflection).
+    dot = (src_c * dst_c).sum((1, 2))
+    cross = (src_c[..., 0] * dst_c[..., 1] - src_c[..., 1] * dst_c[..., 0]).sum(1)
+    norm = (src_c**2).sum((1, 2))
+    a, b = dot / norm, cross / norm
+    centred = landmarks - src_mean
+    x, y = centred[..., 0], centred[..., 1]
+    aligned = np.stack([a[:, None] * x - b[:, None] * y, b[:, None] * x + a[:, None] * y], -1)
+    return aligned + dst_mean
+
+
+def _measures(points: np.ndarray) -> dict[str, np.ndarray]:
+    """Raw geometric measures of aligned faces (y down: a rise is a smaller y)."""
+    y = points[..., 1]
+    eye_open = (y[:, [41, 40, 47, 46]] - y[:, [37, 38, 43, 44]]).mean(1)
+    midline = (y[:, 51] + y[:, 57]) / 2
+    return {
+        "inner_brow": (y[:, [39, 42]] - y[:, [21, 22]]).mean(1),
+        "outer_brow": (y[:, [36, 45]] - y[:, [17, 26]]).mean(1),
+        "brow_mid": (y[:, [37, 44]] - y[:, [19, 24]]).mean(1),
+        "brow_gap": np.linalg.norm(points[:, 22] - points[:, 21], axis=-1),
+        "eye_open": eye_open,
+        "nose_wing": (y[:, [31, 35]] - y[:, [39, 42]]).mean(1),
+        "corner_rise_right": midline - y[:, 48],
+        "corner_rise_left": midline - y[:, 54],
+        "mouth_width": np.linalg.norm(points[:, 54] - points[:, 48], axis=-1),
+        "lip_thickness": (y[:, 62] - y[:, 51]) + (y[:, 57] - y[:, 66]),
+        "lip_gap": y[:, 66] - y[:, 62],
+        "chin_drop": y[:, 8] - y[:, 33],
+    }
+
+
+def au_intensities(landmarks: np.ndarray, config: AUConfig | None = None) -> np.ndarray:
+    """(N, 68, 2) landmarks in any pixel frame -> (N, 13) AU intensities in [0, 1], in ``AUS`` order.
+
+    Rows whose landmarks are missing (NaN) come out NaN.
+    """
+    scale = (config or AUConfig()).full_scale
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    m = _measures(align(landmarks))
+    r = {k: v[0] for k, v in _measures(reference_landmarks()[None]).items()}
+    d = {k: m[k] - r[k] for k in m}
+    rise = np.minimum(d["corner_rise_right"], d["corner_rise_left"])
+    drop = np.minimum(-d["corner_rise_right"], -d["corner_rise_left"])
+    raw = {
+        "AU1": d["inner_brow"],
+        "AU2": d["outer_brow"],
+        "AU4": -d["brow_mid"] - d["brow_gap"],
+        "AU5": d["eye_open"],
+        "AU6/7": -d["eye_open"],
+        "AU9": -d["nose_wing"],
+        "AU12": rise,
+        "AU14": d["mouth_width"],
+        "AU15": drop,
+        "AU20": d["mouth_width"] - np.maximum(rise, 0) - np.maximum(drop, 0),
+        "AU23": -d["lip_thickness"],
+        "AU25": d["lip_gap"],
+        "AU26": d["chin_drop"],
+    }
+    return np.clip(np.stack([raw[name] / scale[name] for name in AUS], -1), 0.0, 1.0)
+
+
+def au_scores(landmarks: np.ndarray, config: AUConfig | None = None) -> np.ndarray:
+    """(N, 68, 2) landmarks -> (N, 8) EMFACS emotion scores, each row summing to 1 (NaN rows stay NaN)."""
+    config = config or AUConfig()
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    u = au_intensities(landmarks, config)
+    column = {name: u[:, i] for i, name in enumerate(AUS)}
+    aligned = align(landmarks)
+    m = _measures(aligned)
+    asymmetry = np.abs(m["corner_rise_right"] - m["corner_rise_left"]) / config.full_scale["contempt"]
+    scores = np.zeros((len(u), len(EMOTIONS)))
+    scores[:, 0] = 1 - u.max(1)
+    for emotion, units in PROTOTYPES.items():
+        scores[:, EMOTIONS.index(emotion)] = np.mean([column[name] for name in units], axis=0)
+    scores[:, EMOTIONS.index("contempt")] = np.clip(asymmetry, 0, 1)
+    # All-zero only when a saturated AU belongs to no prototype (AU14, AU25): no evidence, uniform.
+    return normalise(scores)

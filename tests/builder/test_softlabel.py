@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from builder.softlabel import FusionConfig, fuse, normalise, subsets, validate
+
+
+def _one_hot(k, confidence=0.9):
+    row = np.full(8, (1 - confidence) / 7)
+    row[k] = confidence
+    return row
+
+
+def test_fusion_mixes_normalised_inputs_by_lambda():
+    experts = np.array([[0.9, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])  # one-vs-rest scores need not sum to 1
+    au = np.eye(8)[[2]]
+    fused = fuse(experts, au, FusionConfig(expert_weight=0.5))
+    np.testing.assert_allclose(fused[0, :3], [0.25, 0.25, 0.5])
+    np.testing.assert_allclose(fuse(experts, au, FusionConfig(expert_weight=1.0))[0, :2], [0.5, 0.5])
+    validate(fused)
+
+
+def test_temperature_sharpens_and_flattens():
+    p = np.array([[0.5, 0.3, 0.2, 0, 0, 0, 0, 0]])
+    entropy = lambda s: -(s * np.log(np.where(s > 0, s, 1))).sum()  # noqa: E731
+    sharp = fuse(p, p, FusionConfig(temperature=0.5))
+    flat = fuse(p, p, FusionConfig(temperature=2.0))
+    plain = fuse(p, p, FusionConfig())
+    assert entropy(sharp) < entropy(plain) < entropy(flat)
+    assert sharp.argmax() == plain.argmax() == flat.argmax() == 0
+
+
+def test_rows_without_landmarks_fall_back_to_experts_and_vice_versa():
+    experts = np.stack([_one_hot(1), _one_hot(1), np.full(8, np.nan)])
+    au = np.stack([_one_hot(3), np.full(8, np.nan), _one_hot(3)])
+    fused = fuse(experts, au, FusionConfig(expert_weight=0.7))
+    np.testing.assert_allclose(fused[1], normalise(experts[1]))
+    np.testing.assert_allclose(fused[2], au[2])
+    assert fused[0].argmax() == 1
+    with pytest.raises(ValueError, match="neither"):
+        fuse(np.full((1, 8), np.nan), np.full((1, 8), np.nan), FusionConfig())
+
+
+def test_subsets_follow_the_rank_and_confidence_rule():
+    config = FusionConfig()
+    soft = np.stack(
+        [
+            _one_hot(1, 0.8),  # h=1 ranks first with 0.8: easy
+            _one_hot(1, 0.4),  # h=1 ranks first with 0.4: challenging
+            np.array([0.3, 0.35, 0.2, 0.05, 0.04, 0.03, 0.02, 0.01]),  # h=0 ranks second with 0.3: challenging
+            np.array([0.3, 0.35, 0.2, 0.05, 0.04, 0.03, 0.02, 0.01]),  # h=2 ranks third: difficult
+            np.array([0.1, 0.2, 0.12, 0.14, 0.11, 0.11, 0.11, 0.11]),  # h=0: s_h < 0.15: difficult
+            _one_hot(1),  # h=9 (uncertain): no subset
+        ]
+    )
+    human = np.array([1, 1, 0, 2, 0, 9])
+    assert subsets(soft, human, config).tolist() == [0, 1, 1, 2, 2, -1]
+
+
+def test_validation_names_bad_rows():
+    good = np.stack([_one_hot(0), _one_hot(5)])
+    validate(good)
+    for bad in (np.nan, -0.1, 0.5):
+        rows = good.copy()
+        rows[1, 2] = bad
+        with pytest.raises(ValueError, match=r"rows \[1\]"):
+            validate(rows)
+    with pytest.raises(ValueError, match="shape"):
+        validate(np.ones((2, 7)) / 7)
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError):
+        FusionConfig(expert_weight=1.5)
+    with pytest.raises(ValueError):
+        FusionConfig(temperature=0)
+    with pytest.raises(ValueError):
+        FusionConfig(easy_min_confidence=0.1, difficult_max_confidence=0.2)
