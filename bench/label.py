@@ -1,0 +1,100 @@
+"""Labelling throughput of `scripts/label.py`'s path against `transformers.pipeline("image-classification")`.
+
+    python bench/label.py                    # 8 x 2 tiny experts, the 600-image bundled sample, CPU
+
+Both score every row of the same built folder with the same cross-fitted assignment (a train row by
+its own fold's 8 experts, the other rows by all 16), in this process, alternating; images/s are rows
+per second, medians over the repeats. The pipeline gets decoded PIL images and the same batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from affectnet_plus import EMOTIONS  # noqa: E402
+from bench.train import sample_folder  # noqa: E402
+from models.data import folds, load_splits  # noqa: E402
+from models.labeling import LabelConfig, label  # noqa: E402
+
+
+def experts_for(data: Path, out: Path) -> Path:
+    from models.expert import train_experts
+    from models.training import TrainConfig
+
+    manifest = out / "label-experts" / "manifest.json"
+    if not manifest.is_file():
+        train = TrainConfig(output_dir=str(out), max_steps=1, per_device_batch_size=8, num_workers=0, warmup_ratio=0)
+        train_experts(str(data), out / "label-experts", train, num_folds=2)
+    return manifest
+
+
+def run_project(data: Path, manifest: Path, out: Path, args) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    counts = label(LabelConfig(str(data), str(manifest), str(out), args.batch_size, args.num_workers))
+    return sum(counts.values()) / (time.perf_counter() - start)
+
+
+def run_pipeline(data: Path, manifest: Path, args) -> float:
+    from datasets import Image
+    from transformers import pipeline
+
+    start = time.perf_counter()
+    splits = load_splits(data, columns=("image_id", "image", "human_label"))
+    rows = 0
+    experts = {(e, f): pipeline("image-classification", model=str(manifest.parent / f"{e}-f{f}"), device=-1)
+               for e in EMOTIONS for f in range(2)}  # fmt: skip
+    for name, split in splits.items():
+        split = split.cast_column("image", Image(decode=True))
+        images = split["image"]
+        fold_of_row = folds(split["image_id"], 2) if name == "train" else None
+        for fold in range(2):
+            chosen = [i for i in range(len(images)) if fold_of_row is None or fold_of_row[i] == fold]
+            batch = [images[i] for i in chosen]
+            for emotion in EMOTIONS:
+                experts[(emotion, fold)](batch, batch_size=args.batch_size, top_k=2)
+        rows += len(images)
+    return rows / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sample-size", type=int, default=600)
+    parser.add_argument("--out", type=Path, default=HERE / "out")
+    args = parser.parse_args(argv)
+    data = sample_folder(args.out, args.sample_size)
+    manifest = experts_for(data, args.out)
+    project, baseline = [], []
+    for _ in range(args.repeats):
+        project.append(run_project(data, manifest, args.out / "label-scores", args))
+        baseline.append(run_pipeline(data, manifest, args))
+    results = {
+        "rows": args.sample_size,
+        "experts": "8 x 2 tiny",
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "project_img_s": round(statistics.median(project), 1),
+        "pipeline_img_s": round(statistics.median(baseline), 1),
+        "all_project": [round(v, 1) for v in project],
+        "all_pipeline": [round(v, 1) for v in baseline],
+    }
+    results["ratio"] = round(results["project_img_s"] / results["pipeline_img_s"], 2)
+    print(json.dumps(results, indent=2))
+    (args.out / "label.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
