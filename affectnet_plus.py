@@ -159,23 +159,16 @@ class AffectNetPlus(datasets.GeneratorBasedBuilder):
 
     def _generate_examples(self, split):
         from builder.images import Rejected
-        from builder.sources import Rejection, make_example
+        from builder.sources import Record, Rejection, deduplicated, make_example
 
         self.rejections = getattr(self, "rejections", [])
         reader = self._reader()
-        seen = set()
-        for item in reader.records(split):
-            if not isinstance(item, Rejection):
-                if item.image_id in seen:
-                    item = Rejection(item.origin, item.row, "duplicate_image_id", item.image_id, item.image_id)
-                else:
-                    try:
-                        example = make_example(item, self.config, reader.columns)
-                    except Rejected as err:
-                        item = Rejection(item.origin, item.row, err.reason, err.detail, item.image_id)
-                    else:
-                        seen.add(item.image_id)
-                        yield item.image_id, example
-                        continue
+        for item in deduplicated(reader.records(split), set()):
+            if isinstance(item, Record):
+                try:
+                    yield item.image_id, make_example(item, self.config, reader.columns)
+                    continue
+                except Rejected as err:
+                    item = Rejection(item.origin, item.row, err.reason, err.detail, item.image_id)
             logger.warning("rejected %s row %s: %s (%s)", item.origin, item.row, item.reason, item.detail)
             self.rejections.append(item)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from affectnet_plus import SUBSETS, AffectNetPlusConfig, select_features
 from builder.card import render_card
 from builder.images import Rejected
-from builder.sources import Record, Rejection, make_example, open_source
+from builder.sources import Record, Rejection, deduplicated, make_example, open_source
 
 WORK_DIR = ".build"
 LABELS_CONFIG = "labels"
@@ -154,17 +154,6 @@ def _process(record: Record) -> dict | Rejection:
         return Rejection(record.origin, record.row, err.reason, err.detail, record.image_id)
 
 
-def _deduplicated(items: Iterable[Record | Rejection], seen: set[str]) -> Iterator[Record | Rejection]:
-    """Second and later rows with an already used ``image_id`` become ``duplicate_image_id`` rejections."""
-    for item in items:
-        if isinstance(item, Record):
-            if item.image_id in seen:
-                item = Rejection(item.origin, item.row, "duplicate_image_id", item.image_id, item.image_id)
-            else:
-                seen.add(item.image_id)
-        yield item
-
-
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
     chunk = []
     for item in items:
@@ -203,7 +192,7 @@ def _build_split(reader, split: str, out: Path, work: Path, features, options: B
         _write_parquet_atomic(shard_dir / shard_name(split, index, num_shards), features, rows, work)
 
     pending = deque()  # keep one chunk decoding in the pool while the previous one is written
-    items = _deduplicated(reader.records(split), seen)
+    items = deduplicated(reader.records(split), seen)
     for index, chunk in enumerate(_chunks(items, options.shard_rows)):
         shard = shard_dir / shard_name(split, index, num_shards)
         if shard.is_file() and (work / "rejects" / f"{split}-{index:05d}.jsonl").is_file():

@@ -19,7 +19,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -457,6 +457,17 @@ class CsvReader:
                 yield Rejection(origin, line_number, err.reason, err.detail)
                 continue
             yield Record(_image_id(self.root, path), split, origin, line_number, path, None, {"human_label": label})
+
+
+def deduplicated(items: Iterable[Record | Rejection], seen: set[str]) -> Iterator[Record | Rejection]:
+    """Second and later rows with an already used ``image_id`` become ``duplicate_image_id`` rejections."""
+    for item in items:
+        if isinstance(item, Record):
+            if item.image_id in seen:
+                item = Rejection(item.origin, item.row, "duplicate_image_id", item.image_id, item.image_id)
+            else:
+                seen.add(item.image_id)
+        yield item
 
 
 READERS = {
