@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from transformers import ViTConfig, ViTForImageClassification
 
 from affectnet_plus import EMOTIONS
 from models.losses import balanced_cross_entropy
 from models.metrics import binary_metrics
-from models.training import TrainConfig, fit, make_accelerator, make_loader, set_seed
+from models.training import TrainConfig, fit, make_accelerator, make_loader
 from models.transforms import HALF, AugmentConfig, BatchTransform
 
 # tiny: random init, small images: the tests and the CPU demo. base: ViT-B/16 at 224 px.

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from transformers import get_cosine_schedule_with_warmup
 
 
@@ -282,6 +281,3 @@ def evaluate(accelerator: Accelerator, model, transform, loader, evaluate_fn) ->
     if not all_logits:
         return {}
     return evaluate_fn(torch.cat(all_logits), torch.cat(all_targets))
-
-
-__all__ = ["TrainConfig", "fit", "evaluate", "make_accelerator", "make_loader", "latest_checkpoint", "set_seed"]
