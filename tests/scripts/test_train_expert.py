@@ -168,3 +168,20 @@ def test_gradient_accumulation_counts_optimizer_steps(built_sample, tmp_path):
     results = json.loads((out / "all_results.json").read_text())
     assert results["step"] == 2
     assert results["train_samples"] == 2 * 2 * 4  # steps x micro-batches x batch size
+
+
+def test_push_to_hub_uploads_the_checkpoint_once_and_private(built_sample, tmp_path, monkeypatch):
+    """The Hub calls themselves are replaced here; the full round trip needs a Hub server."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(
+        huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw["repo_id"], kw)) or "commit"
+    )
+    out = tmp_path / "pushed"
+    assert main(_args(built_sample, out, "--max-steps", "1", "--push-to-hub", "me/expert-happy-f0")) == 0
+    assert [c[:2] for c in calls] == [("create", "me/expert-happy-f0"), ("upload", "me/expert-happy-f0")]
+    assert calls[0][2]["private"] is True
+    upload = calls[1][2]
+    assert upload["folder_path"] == str(out) and "checkpoints/*" in upload["ignore_patterns"]
