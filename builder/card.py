@@ -135,10 +135,47 @@ def _label_table(out: Path, splits: list[str]) -> str:
     return _table(["human_label", *splits], rows)
 
 
-def render_card(out: Path, reader, config, report: dict) -> DatasetCard:
+def _soft_label_section(features, report: dict) -> str:
+    experts = report["fingerprint"].get("experts")
+    if experts:
+        fusion = experts["fusion"]
+        subsets = _table(
+            ["subset", *report["splits"]],
+            [[name, *(report["configs"].get(name, {}).get(s, 0) for s in report["splits"])] for name in SUBSETS],
+        )
+        fallback = report.get("soft_labels_without_landmarks", {})
+        return (
+            "Soft labels were computed by this build (DESIGN §5 of affectnet-plus, a reimplementation: the "
+            "paper's exact recipe is not public): s = normalise((λ p̂ + (1 - λ) â) ^ (1 / T)), where p̂ are the "
+            "cross-fitted scores of the 8 one-vs-rest ViT experts (a train row is scored by the experts that "
+            "never saw its fold) and â the EMFACS scores of action units measured on the landmarks. The human "
+            "label never enters s. Subsets: r = rank of s_h in s; easy if r = 1 and s_h >= "
+            f"{fusion['easy_min_confidence']}; difficult if r >= {fusion['difficult_min_rank']} or s_h < "
+            f"{fusion['difficult_max_confidence']}; challenging otherwise; -1 for human labels 8-10.\n\n"
+            + _table(
+                ["parameter", "value"],
+                [
+                    ["experts", f"`{experts['manifest']}` (sha256 {experts['manifest_sha256']})"],
+                    ["λ (expert weight)", fusion["expert_weight"]],
+                    ["T (temperature)", fusion["temperature"]],
+                    ["rows without landmarks (experts only)", sum(fallback.values())],
+                ],
+            )
+            + "\n\n"
+            + subsets
+        )
+    if "soft_label" in features:
+        return "Soft labels and subsets are those of the AffectNet+ release, kept exactly."
+    return (
+        "This build has no soft labels yet. Train the experts on it (`affectnet-plus train-experts`) and build "
+        "again with `--experts experts/manifest.json` to add `soft_label`, `subset`, `expert_scores` and `au_scores`."
+    )
+
+
+def render_card(out: Path, reader, config, report: dict, features=None) -> DatasetCard:
     """The card of the folder ``out`` built from ``reader`` with ``config``; ``report`` is the build report."""
     out = Path(out)
-    features = select_features(reader.columns, reader.ethnicity_classes)
+    features = features or select_features(reader.columns, reader.ethnicity_classes)
     root = Path(reader.root)
     is_sample = (root / SAMPLE_MARKER).is_file()
     if is_sample:
@@ -209,6 +246,7 @@ def render_card(out: Path, reader, config, report: dict) -> DatasetCard:
         rejected_total=sum(rejects.values()),
         rejects_table=rejects_table,
         provenance=provenance,
+        soft_labels=_soft_label_section(features, report),
         license=license_text,
     )
     data = card_data(out, features, report, license_fields)

@@ -30,9 +30,10 @@ import os
 import shutil
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -40,11 +41,14 @@ from datasets.arrow_writer import ParquetWriter
 from tqdm.auto import tqdm
 
 from affectnet_plus import SUBSETS, AffectNetPlusConfig, select_features
+from builder.au import au_scores
 from builder.card import render_card
 from builder.images import Rejected
+from builder.softlabel import FusionConfig, fuse, normalise, subsets, validate
 from builder.sources import Record, Rejection, deduplicated, make_example, open_source
 
 WORK_DIR = ".build"
+SOFT_LABEL_COLUMNS = ("soft_label", "subset", "expert_scores", "au_scores")
 LABELS_CONFIG = "labels"
 
 
@@ -249,11 +253,72 @@ def _derive_subset(out: Path, work: Path, split: str, features, subset: int, sha
         _write_parquet_atomic(targets[index], features, None, work, table=pending)
 
 
+def add_soft_labels(out: Path, work: Path, splits: list[str], experts: str, fusion: FusionConfig, features,
+                    options: BuildOptions) -> None:  # fmt: skip
+    """Scores every written row with the experts, fuses with the AU component and rewrites each shard.
+
+    Resumable: the expert scores are kept in ``.build/scores`` (finished when ``DONE`` exists) and a
+    shard that already carries ``soft_label`` is not rewritten.
+    """
+    from models.labeling import LabelConfig, label, read_scores
+
+    scores_dir = work / "scores"
+    if not (scores_dir / "DONE").is_file():
+        label(LabelConfig(str(out), experts, str(scores_dir), num_workers=min(4, options.num_proc)))
+        (scores_dir / "DONE").write_text("")
+    for split in splits:
+        scores = read_scores(scores_dir, split)
+        for shard in _default_shards(out, split):
+            if "soft_label" in pq.read_schema(shard).names:
+                continue
+            table = pq.read_table(shard)
+            ids = table["image_id"].to_pylist()
+            missing = [i for i in ids if i not in scores]
+            if missing:
+                raise RuntimeError(f"no expert scores for {len(missing)} rows of {shard.name} (e.g. {missing[0]})")
+            expert = np.stack([scores[i] for i in ids]).astype(np.float64)
+            if "landmarks" in table.column_names:
+                points = [
+                    np.full((68, 2), np.nan) if p is None else np.asarray(p) for p in table["landmarks"].to_pylist()
+                ]
+                au = au_scores(np.stack(points)) if points else np.zeros((0, 8))
+            else:
+                au = np.full((len(ids), 8), np.nan)
+            soft = fuse(expert, au, fusion)
+            validate(soft)
+            human = np.asarray(table["human_label"].to_pylist(), dtype=np.float64)
+            human = np.where(np.isnan(human), -1, human).astype(np.int64)
+            new = {
+                "soft_label": soft,
+                "subset": subsets(soft, human, fusion),
+                "expert_scores": normalise(expert),
+                "au_scores": au,
+            }
+            for name, values in new.items():
+                if name in table.column_names:  # a release's own soft labels are replaced
+                    table = table.drop_columns([name])
+                if name == "subset":
+                    array = pa.array(values, type=pa.int64())
+                else:
+                    rows = [None if np.isnan(r).any() else r.astype(np.float32).tolist() for r in values]
+                    array = pa.array(rows, type=pa.list_(pa.float32(), 8))
+                table = table.append_column(name, array)
+            table = table.select(list(features))
+            _write_parquet_atomic(shard, features, None, work, table=table)
+
+
 def _ethnicity(features) -> tuple[str, ...]:
     return tuple(features["ethnicity"]) if "ethnicity" in features else ()
 
 
-def build(source, out, config: AffectNetPlusConfig, options: BuildOptions | None = None) -> dict:
+def build(
+    source,
+    out,
+    config: AffectNetPlusConfig,
+    options: BuildOptions | None = None,
+    experts: str | None = None,
+    fusion: FusionConfig | None = None,
+) -> dict:
     """Reads ``source`` and writes the AffectNet+ folder ``out``; returns the build report.
 
     Args:
@@ -261,15 +326,30 @@ def build(source, out, config: AffectNetPlusConfig, options: BuildOptions | None
         out: output folder; created, resumed after a crash, or refused if it holds another build.
         config: how the source is read (format, crop size and margin, JPEG quality, ...).
         options: sharding, worker processes, progress bars.
+        experts: an expert ``manifest.json``; with it the build adds ``soft_label``, ``subset``,
+            ``expert_scores`` and ``au_scores`` (DESIGN §5), replacing a release's own soft labels.
+        fusion: the fusion and subset parameters (``FusionConfig()`` by default).
 
     Every source row ends as a written row or as a line of ``rejects.jsonl``; the report's
     ``read == written + sum(rejected)`` is checked before the build is declared finished.
     """
     options = options or BuildOptions()
+    fusion = fusion or FusionConfig()
     out = Path(out)
     reader = open_source(source, config)
-    features = select_features(reader.columns, reader.ethnicity_classes)
+    base_columns = [c for c in reader.columns if not (experts and c in SOFT_LABEL_COLUMNS)]
+    features = select_features(base_columns, reader.ethnicity_classes)
+    final_features = (
+        select_features([*base_columns, *SOFT_LABEL_COLUMNS], reader.ethnicity_classes) if experts else features
+    )
     fingerprint = _fingerprint(source, config, options)
+    if experts:
+        manifest = Path(experts)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no expert manifest at {experts}")
+        fingerprint["experts"] = {"manifest": manifest.parent.name + "/" + manifest.name,
+                                  "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()[:16],
+                                  "fusion": asdict(fusion)}  # fmt: skip
     work = _prepare_output(out, fingerprint, options.overwrite)
     splits = reader.splits()
 
@@ -293,6 +373,9 @@ def build(source, out, config: AffectNetPlusConfig, options: BuildOptions | None
             pool.join()
 
     written_splits = [s for s in splits if _default_shards(out, s)]
+    if experts:
+        add_soft_labels(out, work, written_splits, experts, fusion, final_features, options)
+        features = final_features
     for split in written_splits:
         _derive_labels(out, work, split, features)
         if "subset" in features:
@@ -302,7 +385,7 @@ def build(source, out, config: AffectNetPlusConfig, options: BuildOptions | None
     report = _report(out, work, read, fingerprint)
     rejects = b"".join(p.read_bytes() for split in splits for p in sorted((work / "rejects").glob(f"{split}-*.jsonl")))
     _write_atomic(out / "rejects.jsonl", rejects, work)
-    _write_atomic(out / "README.md", str(render_card(out, reader, config, report)), work)
+    _write_atomic(out / "README.md", str(render_card(out, reader, config, report, features)), work)
     _write_atomic(out / "build_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n", work)
     shutil.rmtree(work)
     return report
@@ -335,6 +418,13 @@ def _report(out: Path, work: Path, read: dict[str, int], fingerprint: dict) -> d
             )
         per_split[split] = {"read": num_read, "written": written, "rejected": dict(sorted(rejected.items()))}
     total_rejected = sum((Counter(s["rejected"]) for s in per_split.values()), Counter())
+    without_landmarks = {}
+    for split in read:
+        shards = _default_shards(out, split)
+        if shards and "au_scores" in pq.read_schema(shards[0]).names:
+            without_landmarks[split] = sum(
+                pq.read_table(p, columns=["au_scores"])["au_scores"].null_count for p in shards
+            )
     report = {
         "read": sum(s["read"] for s in per_split.values()),
         "written": sum(s["written"] for s in per_split.values()),
@@ -343,4 +433,6 @@ def _report(out: Path, work: Path, read: dict[str, int], fingerprint: dict) -> d
         "configs": configs,
         "fingerprint": fingerprint,
     }
+    if without_landmarks:  # rows whose soft label comes from the experts alone
+        report["soft_labels_without_landmarks"] = without_landmarks
     return report

@@ -35,9 +35,15 @@ def folds(image_ids, num_folds: int) -> np.ndarray:
 def load_splits(data: str | Path, columns=("image_id", "image", "human_label")) -> DatasetDict:
     """The splits of a built AffectNet+ folder, images left as JPEG bytes (decoded in loader workers)."""
     path = Path(data)
-    if not (path / "README.md").is_file() or not (path / "data").is_dir():
+    shards = sorted((path / "data" / "default").glob("*.parquet"))
+    if (path / "README.md").is_file() and (path / "data").is_dir():
+        splits = load_dataset(str(path))
+    elif shards:  # a build in progress: no card yet, read its default shards directly
+        names = sorted({p.name.split("-")[0] for p in shards})
+        files = {name: [str(p) for p in shards if p.name.startswith(f"{name}-")] for name in names}
+        splits = load_dataset("parquet", data_files=files)
+    else:
         raise FileNotFoundError(f"{data} is not a built AffectNet+ folder (run `affectnet-plus build` first)")
-    splits = load_dataset(str(path))
     for name, split in splits.items():
         missing = set(columns) - set(split.column_names)
         if missing:

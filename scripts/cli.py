@@ -40,7 +40,10 @@ def _build(args) -> int:
     options = BuildOptions(
         shard_rows=args.shard_rows, num_proc=args.num_proc, overwrite=args.overwrite, progress=not args.quiet
     )
-    report = build(args.source, args.out, config, options)
+    from builder.softlabel import FusionConfig
+
+    fusion = FusionConfig(expert_weight=args.expert_weight, temperature=args.temperature)
+    report = build(args.source, args.out, config, options, experts=args.experts, fusion=fusion)
     rejected = sum(report["rejected"].values())
     print(f"{args.out}: read {report['read']}, written {report['written']}, rejected {rejected}")
     for reason, count in report["rejected"].items():
@@ -149,6 +152,13 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded crops")
     build.add_argument("--pose-unit", choices=("degrees", "radians"), default="degrees",
                        help="unit of the release's pose angles (stored in degrees)")  # fmt: skip
+    build.add_argument("--experts", default=None, metavar="MANIFEST",
+                       help="experts/manifest.json (affectnet-plus train-experts): add soft_label, subset, "
+                       "expert_scores and au_scores")  # fmt: skip
+    build.add_argument(
+        "--expert-weight", type=float, default=0.5, help="λ: weight of the experts against the AU scores"
+    )
+    build.add_argument("--temperature", type=float, default=1.0, help="T: < 1 sharpens the soft labels, > 1 flattens")
     build.add_argument("--overwrite", action="store_true", help="replace OUT if it holds another build")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_build)

@@ -130,6 +130,18 @@ def built_sample(tmp_path_factory):
     return root / "affectnet_plus"
 
 
+@pytest.fixture(scope="session")
+def experts(built_sample, tmp_path_factory):
+    """8 emotions x 2 folds of tiny experts, one training step each."""
+    out = tmp_path_factory.mktemp("experts")
+    argv = ["train-experts", "--data", str(built_sample), "--num-folds", "2", "--output-dir", str(out),
+            "--max-steps", "1", "--per-device-batch-size", "4", "--num-workers", "0", "--warmup-ratio", "0"]  # fmt: skip
+    from scripts.cli import main as cli
+
+    assert cli(argv) == 0
+    return out / "manifest.json"
+
+
 def free_port() -> int:
     import socket
 

@@ -287,3 +287,52 @@ def test_cli_build_reports_and_errors(small_affectnet, tmp_path, capsys):
     assert main(["build", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert os.path.exists(tmp_path / "o" / "README.md")
+
+
+def test_build_with_experts_adds_soft_labels_and_subsets(built_sample, experts, tmp_path):
+    from builder.softlabel import validate
+
+    raw = built_sample.parent / "raw"
+    out = tmp_path / "affectnet_plus"
+    report = build(raw, out, AffectNetPlusConfig(), BuildOptions(shard_rows=40, progress=False), experts=str(experts))
+    present = [name for name in ("easy", "challenging", "difficult") if name in report["configs"]]
+    assert present and "labels" in report["configs"]
+    assert report["soft_labels_without_landmarks"] == {"train": 0, "validation": 0, "unlabeled": 0}
+    full = load_dataset(str(out), split="train")
+    for column in ("soft_label", "subset", "expert_scores", "au_scores"):
+        assert column in full.features
+    soft = np.asarray(full["soft_label"], dtype=np.float64)
+    validate(soft)
+    human = np.asarray(full["human_label"])
+    subset = np.asarray(full["subset"])
+    assert (subset[human >= 8] == -1).all() and set(subset[human < 8]) <= {0, 1, 2}
+    for code, name in enumerate(("easy", "challenging", "difficult")):
+        if name in present:
+            rows = load_dataset(str(out), name)
+            assert {s for split in rows.values() for s in split["subset"]} == {code}
+            assert sum(len(split) for split in rows.values()) == sum(report["configs"][name].values())
+    assert sum(sum(report["configs"][n].values()) for n in present) == int((subset >= 0).sum()) + sum(
+        int((np.asarray(load_dataset(str(out), split=s)["subset"]) >= 0).sum()) for s in ("validation", "unlabeled")
+    )
+    card = (out / "README.md").read_text()
+    assert "λ (expert weight)" in card and "rows without landmarks (experts only) | 0" in card
+    np.testing.assert_allclose(np.asarray(full["expert_scores"]).sum(1), 1, atol=1e-5)
+    # the same arguments again: the same bytes
+    first = _files(out)
+    build(raw, out, AffectNetPlusConfig(), BuildOptions(shard_rows=40, progress=False), experts=str(experts))
+    assert _files(out) == first
+
+
+def test_imagefolder_build_with_experts_falls_back_to_experts_only(experts, tmp_path):
+    root = tmp_path / "fer"
+    for split in ("train", "validation"):
+        for emotion in ("happy", "sad"):
+            (root / split / emotion).mkdir(parents=True)
+            for i in range(3):
+                face_image(64, 64, seed=i).save(root / split / emotion / f"{i}.jpg")
+    out = tmp_path / "fer_plus"
+    report = build(root, out, AffectNetPlusConfig(source_format="imagefolder"), QUIET, experts=str(experts))
+    assert report["soft_labels_without_landmarks"] == {"train": 6, "validation": 6}
+    rows = load_dataset(str(out), split="train")
+    assert all(a is None for a in rows["au_scores"])
+    np.testing.assert_allclose(np.asarray(rows["soft_label"]), np.asarray(rows["expert_scores"]), atol=1e-6)

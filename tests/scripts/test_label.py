@@ -14,21 +14,10 @@ from affectnet_plus import EMOTIONS
 from models.data import FaceDataset, fold_of, load_splits
 from models.labeling import load_ensemble, read_scores, score_batch
 from models.transforms import BatchTransform
-from scripts.cli import main as cli
 from scripts.label import main
 from tests.conftest import free_port
 
 ROOT = Path(__file__).parents[2]
-
-
-@pytest.fixture(scope="session")
-def experts(built_sample, tmp_path_factory):
-    """8 emotions x 2 folds of tiny experts, one training step each."""
-    out = tmp_path_factory.mktemp("experts")
-    argv = ["train-experts", "--data", str(built_sample), "--num-folds", "2", "--output-dir", str(out),
-            "--max-steps", "1", "--per-device-batch-size", "4", "--num-workers", "0", "--warmup-ratio", "0"]  # fmt: skip
-    assert cli(argv) == 0
-    return out / "manifest.json"
 
 
 def _label(data, experts, out, *extra):
