@@ -105,6 +105,16 @@ def _train_experts(args) -> int:
     return 0
 
 
+def _truth(args) -> int:
+    from builder.truth import format_truth, truth_check
+
+    result = truth_check(args.dataset, args.ground_truth)
+    print(format_truth(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="affectnet-plus",
@@ -180,6 +190,18 @@ def make_parser() -> argparse.ArgumentParser:
                          help="train only these emotions")  # fmt: skip
     add_training_arguments(experts)
     experts.set_defaults(func=_train_experts)
+
+    truth = commands.add_parser(
+        "truth",
+        help="compare a built sample's soft labels with its ground truth (KL, argmax agreement)",
+        description="On a folder built from the bundled sample with --experts: mean KL(true || s) and argmax "
+        "agreement of the experts alone, the AU component alone, the fused soft label, the annotator label "
+        "and the smoothed annotator label, plus how well the subsets track wrong annotator labels.",
+    )
+    truth.add_argument("dataset", help="a folder built from the sample with --experts")
+    truth.add_argument("--ground-truth", required=True, help="the sample's ground_truth.jsonl")
+    truth.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    truth.set_defaults(func=_truth)
 
     show = commands.add_parser(
         "show",

@@ -336,3 +336,29 @@ def test_imagefolder_build_with_experts_falls_back_to_experts_only(experts, tmp_
     rows = load_dataset(str(out), split="train")
     assert all(a is None for a in rows["au_scores"])
     np.testing.assert_allclose(np.asarray(rows["soft_label"]), np.asarray(rows["expert_scores"]), atol=1e-6)
+
+
+def test_truth_check_on_the_sample(built_sample, experts, tmp_path, capsys):
+    from builder.truth import truth_check
+    from scripts.cli import main as cli
+
+    raw = built_sample.parent / "raw"
+    out = tmp_path / "affectnet_plus"
+    build(raw, out, AffectNetPlusConfig(), QUIET, experts=str(experts))
+    result = truth_check(out, raw / "ground_truth.jsonl")
+    labelled = [r for r in map(json.loads, (raw / "ground_truth.jsonl").read_text().splitlines())
+                if r["split"] != "unlabeled" and r["soft_label"] is not None and r["human_label"] < 8]  # fmt: skip
+    assert result["rows"] == len(labelled)
+    for name in ("experts", "au", "fused", "annotator", "annotator_smoothed"):
+        assert result[name]["kl"] >= 0 and 0 <= result[name]["argmax_agreement"] <= 1
+    assert result["annotator"]["argmax_agreement"] == result["annotator_agreement"]
+    assert result["annotator"]["kl"] > result["annotator_smoothed"]["kl"]  # one-hot is the worst distribution
+    assert result["au"]["argmax_agreement"] > 0.3  # landmarks carry the expression (chance: 1/8)
+    assert (
+        cli(["truth", str(out), "--ground-truth", str(raw / "ground_truth.jsonl"), "--json", str(tmp_path / "t.json")])
+        == 0
+    )
+    assert "(c) fused soft label" in capsys.readouterr().out
+    assert json.loads((tmp_path / "t.json").read_text()) == result
+    with pytest.raises(ValueError, match="--experts"):
+        truth_check(built_sample, raw / "ground_truth.jsonl")
