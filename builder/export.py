@@ -318,6 +318,7 @@ def build(
     options: BuildOptions | None = None,
     experts: str | None = None,
     fusion: FusionConfig | None = None,
+    recompute: bool = False,
 ) -> dict:
     """Reads ``source`` and writes the AffectNet+ folder ``out``; returns the build report.
 
@@ -329,6 +330,9 @@ def build(
         experts: an expert ``manifest.json``; with it the build adds ``soft_label``, ``subset``,
             ``expert_scores`` and ``au_scores`` (DESIGN §5), replacing a release's own soft labels.
         fusion: the fusion and subset parameters (``FusionConfig()`` by default).
+        recompute: with ``experts``, replace soft labels and subsets that the source already has (the
+            official release's); without it such a build is refused, so release labels are never lost
+            by accident.
 
     Every source row ends as a written row or as a line of ``rejects.jsonl``; the report's
     ``read == written + sum(rejected)`` is checked before the build is declared finished.
@@ -337,6 +341,11 @@ def build(
     fusion = fusion or FusionConfig()
     out = Path(out)
     reader = open_source(source, config)
+    if experts and "soft_label" in reader.columns and not recompute:
+        raise ValueError(
+            f"{source} already has soft labels and subsets ({config.source_format}); they are kept unless you "
+            "pass --recompute to replace them with the experts' (or drop --experts)"
+        )
     base_columns = [c for c in reader.columns if not (experts and c in SOFT_LABEL_COLUMNS)]
     features = select_features(base_columns, reader.ethnicity_classes)
     final_features = (

@@ -43,7 +43,9 @@ def _build(args) -> int:
     from builder.softlabel import FusionConfig
 
     fusion = FusionConfig(expert_weight=args.expert_weight, temperature=args.temperature)
-    report = build(args.source, args.out, config, options, experts=args.experts, fusion=fusion)
+    report = build(
+        args.source, args.out, config, options, experts=args.experts, fusion=fusion, recompute=args.recompute
+    )
     rejected = sum(report["rejected"].values())
     print(f"{args.out}: read {report['read']}, written {report['written']}, rejected {rejected}")
     for reason, count in report["rejected"].items():
@@ -169,6 +171,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--expert-weight", type=float, default=0.5, help="λ: weight of the experts against the AU scores"
     )
     build.add_argument("--temperature", type=float, default=1.0, help="T: < 1 sharpens the soft labels, > 1 flattens")
+    build.add_argument("--recompute", action="store_true",
+                       help="with --experts on the AffectNet+ release: replace its soft labels and subsets")  # fmt: skip
     build.add_argument("--overwrite", action="store_true", help="replace OUT if it holds another build")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_build)

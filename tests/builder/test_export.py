@@ -362,3 +362,16 @@ def test_truth_check_on_the_sample(built_sample, experts, tmp_path, capsys):
     assert json.loads((tmp_path / "t.json").read_text()) == result
     with pytest.raises(ValueError, match="--experts"):
         truth_check(built_sample, raw / "ground_truth.jsonl")
+
+
+def test_release_soft_labels_are_replaced_only_when_asked(experts, tmp_path):
+    root = _release(tmp_path / "release", 4)
+    config = AffectNetPlusConfig(source_format="affectnet-plus")
+    with pytest.raises(ValueError, match="--recompute"):
+        build(root, tmp_path / "kept", config, QUIET, experts=str(experts))
+    out = tmp_path / "recomputed"
+    build(root, out, config, QUIET, experts=str(experts), recompute=True)
+    original = json.loads((root / "human_annotated/train_set/annotations/001.json").read_text())["soft-label"]
+    row = load_dataset(str(out), split="train")[1]
+    assert row["image_id"].endswith("001") and row["expert_scores"] is not None
+    assert not np.allclose(row["soft_label"], original, atol=1e-3)
