@@ -131,7 +131,12 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> Path:
     elif report.is_file():
         if json.loads(report.read_text()).get("fingerprint") != fingerprint:
             raise FileExistsError(f"{out} holds a different build; choose another --out or pass --overwrite")
-        shutil.rmtree(work, ignore_errors=True)  # a finished build with the same arguments: rebuild in place
+        # A finished build with the same arguments: build again from scratch (the code may have changed;
+        # derived files left in place would be taken for finished work).
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(out / "data", ignore_errors=True)
+        for name in ("README.md", "rejects.jsonl", "build_report.json"):
+            (out / name).unlink(missing_ok=True)
     elif out.exists() and any(p.name != WORK_DIR for p in out.iterdir()):
         raise FileExistsError(f"{out} exists and is not an AffectNet+ build; choose another --out or pass --overwrite")
     else:

@@ -36,9 +36,12 @@ def load_splits(data: str | Path, columns=("image_id", "image", "human_label")) 
     """The splits of a built AffectNet+ folder, images left as JPEG bytes (decoded in loader workers)."""
     path = Path(data)
     shards = sorted((path / "data" / "default").glob("*.parquet"))
-    if (path / "README.md").is_file() and (path / "data").is_dir():
+    # A build in progress (its work folder is there) has no card yet, or an outdated one: read its
+    # default shards directly.
+    in_progress = (path / ".build").is_dir() and shards
+    if (path / "README.md").is_file() and (path / "data").is_dir() and not in_progress:
         splits = load_dataset(str(path))
-    elif shards:  # a build in progress: no card yet, read its default shards directly
+    elif shards:
         names = sorted({p.name.split("-")[0] for p in shards})
         files = {name: [str(p) for p in shards if p.name.startswith(f"{name}-")] for name in names}
         splits = load_dataset("parquet", data_files=files)

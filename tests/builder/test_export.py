@@ -375,3 +375,13 @@ def test_release_soft_labels_are_replaced_only_when_asked(experts, tmp_path):
     row = load_dataset(str(out), split="train")[1]
     assert row["image_id"].endswith("001") and row["expert_scores"] is not None
     assert not np.allclose(row["soft_label"], original, atol=1e-3)
+
+
+def test_rebuilding_a_finished_folder_redoes_derived_files(small_affectnet, tmp_path):
+    out = tmp_path / "out"
+    build(small_affectnet, out, AffectNetPlusConfig(), QUIET)
+    first = _files(out)
+    stale = next((out / "data" / "labels").glob("train-*.parquet"))
+    stale.write_bytes(b"left over from an older version")
+    build(small_affectnet, out, AffectNetPlusConfig(), QUIET)
+    assert _files(out) == first
