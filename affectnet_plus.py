@@ -91,6 +91,11 @@ def select_features(columns, ethnicity_classes: tuple[str, ...] = ETHNICITY_CLAS
     return Features({name: feature for name, feature in full.items() if name in columns})
 
 
+def labels_features(features: Features) -> Features:
+    """The schema of the ``labels`` config: every column of ``features`` but the image."""
+    return Features({name: feature for name, feature in features.items() if name != "image"})
+
+
 @dataclass
 class AffectNetPlusConfig(datasets.BuilderConfig):
     """How a source is read and turned into AffectNet+ rows.

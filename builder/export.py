@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from datasets.arrow_writer import ParquetWriter
 from tqdm.auto import tqdm
 
-from affectnet_plus import SUBSETS, AffectNetPlusConfig, select_features
+from affectnet_plus import SUBSETS, AffectNetPlusConfig, labels_features, select_features
 from builder.au import au_scores
 from builder.card import render_card
 from builder.images import Rejected
@@ -227,7 +227,7 @@ def _default_shards(out: Path, split: str) -> list[Path]:
 
 def _derive_labels(out: Path, work: Path, split: str, features) -> None:
     """The ``labels`` config: every column but ``image``, one shard per default shard."""
-    label_features = select_features([name for name in features if name != "image"], _ethnicity(features))
+    label_features = labels_features(features)
     for shard in _default_shards(out, split):
         target = out / "data" / LABELS_CONFIG / shard.name
         if not target.is_file():
@@ -310,10 +310,6 @@ def add_soft_labels(out: Path, work: Path, splits: list[str], experts: str, fusi
                 table = table.append_column(name, array)
             table = table.select(list(features))
             _write_parquet_atomic(shard, features, None, work, table=table)
-
-
-def _ethnicity(features) -> tuple[str, ...]:
-    return tuple(features["ethnicity"]) if "ethnicity" in features else ()
 
 
 def build(
