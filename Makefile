@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/affectnet-plus train-experts --data demo/stage --num-folds 2 --preset tiny --output-dir demo/experts \
 		--num-train-epochs 10 --learning-rate 1e-3 --num-workers 0
 	$(BIN)/affectnet-plus build demo/raw --format affectnet --experts demo/experts/manifest.json \
-		--out demo/affectnet_plus --num-proc 2
+		--out demo/affectnet_plus --num-proc 2 --fit-fusion
 	$(BIN)/affectnet-plus truth demo/affectnet_plus --ground-truth demo/raw/ground_truth.jsonl --json demo/truth.json
 	cd demo && ../$(BIN)/affectnet-plus show affectnet_plus
 

@@ -138,7 +138,14 @@ def _label_table(out: Path, splits: list[str]) -> str:
 def _soft_label_section(features, report: dict) -> str:
     experts = report["fingerprint"].get("experts")
     if experts:
-        fusion = experts["fusion"]
+        fusion = report.get("fusion", experts["fusion"])
+        fitted = fusion.get("fitted_on")
+        how = (
+            f" (fitted: the pair that maximises the mean log-probability of the annotators' labels on "
+            f"{fitted['rows']} labelled rows with out-of-fold expert scores)"
+            if fitted
+            else ""
+        )
         subsets = _table(
             ["subset", *report["splits"]],
             [[name, *(report["configs"].get(name, {}).get(s, 0) for s in report["splits"])] for name in SUBSETS],
@@ -149,15 +156,15 @@ def _soft_label_section(features, report: dict) -> str:
             "paper's exact recipe is not public): s = normalise((λ p̂ + (1 - λ) â) ^ (1 / T)), where p̂ are the "
             "cross-fitted scores of the 8 one-vs-rest ViT experts (a train row is scored by the experts that "
             "never saw its fold) and â the EMFACS scores of action units measured on the landmarks. The human "
-            "label never enters s. Subsets: r = rank of s_h in s; easy if r = 1 and s_h >= "
+            "label never enters a row's s. Subsets: r = rank of s_h in s; easy if r = 1 and s_h >= "
             f"{fusion['easy_min_confidence']}; difficult if r >= {fusion['difficult_min_rank']} or s_h < "
             f"{fusion['difficult_max_confidence']}; challenging otherwise; -1 for human labels 8-10.\n\n"
             + _table(
                 ["parameter", "value"],
                 [
                     ["experts", f"`{experts['manifest']}` (sha256 {experts['manifest_sha256']})"],
-                    ["λ (expert weight)", fusion["expert_weight"]],
-                    ["T (temperature)", fusion["temperature"]],
+                    [f"λ (expert weight){how}", fusion["expert_weight"]],
+                    [f"T (temperature){how and ' (fitted with λ)'}", fusion["temperature"]],
                     ["rows without landmarks (experts only)", sum(fallback.values())],
                 ],
             )

@@ -44,7 +44,7 @@ from affectnet_plus import SUBSETS, AffectNetPlusConfig, labels_features, select
 from builder.au import au_scores
 from builder.card import render_card
 from builder.images import Rejected
-from builder.softlabel import FusionConfig, fuse, normalise, subsets, validate
+from builder.softlabel import FusionConfig, fit_fusion, fuse, normalise, subsets, validate
 from builder.sources import Record, Rejection, deduplicated, make_example, open_source
 
 WORK_DIR = ".build"
@@ -258,12 +258,55 @@ def _derive_subset(out: Path, work: Path, split: str, features, subset: int, sha
         _write_parquet_atomic(targets[index], features, None, work, table=pending)
 
 
+def _shard_inputs(shard: Path, scores: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """image ids, expert scores, AU scores (NaN rows where landmarks are missing) and human labels."""
+    table = pq.read_table(shard, columns=[c for c in ("image_id", "landmarks", "human_label")
+                                          if c in pq.read_schema(shard).names])  # fmt: skip
+    ids = table["image_id"].to_pylist()
+    missing = [i for i in ids if i not in scores]
+    if missing:
+        raise RuntimeError(f"no expert scores for {len(missing)} rows of {shard.name} (e.g. {missing[0]})")
+    expert = np.stack([scores[i] for i in ids]).astype(np.float64) if ids else np.zeros((0, 8))
+    if "landmarks" in table.column_names and ids:
+        points = [np.full((68, 2), np.nan) if p is None else np.asarray(p) for p in table["landmarks"].to_pylist()]
+        au = au_scores(np.stack(points))
+    else:
+        au = np.full((len(ids), 8), np.nan)
+    human = np.asarray(table["human_label"].to_pylist(), dtype=np.float64)
+    return ids, expert, au, np.where(np.isnan(human), -1, human).astype(np.int64)
+
+
+def _fit_fusion(out: Path, work: Path, splits: list[str], scores_dir: Path, fusion: FusionConfig) -> dict:
+    """Fits λ and T on the labelled rows (not the unlabeled split: its labels are automatic) once,
+    and keeps the result in ``.build/fusion.json`` so that a resumed build fuses with the same."""
+    from models.labeling import read_scores
+
+    saved = work / "fusion.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    expert, au, human = [], [], []
+    for split in splits:
+        if split == "unlabeled":
+            continue
+        scores = read_scores(scores_dir, split)
+        for shard in _default_shards(out, split):
+            _, e, a, h = _shard_inputs(shard, scores)
+            expert.append(e), au.append(a), human.append(h)
+    if not expert:
+        raise ValueError("--fit-fusion needs labelled rows (train or validation); this build has none")
+    fitted, info = fit_fusion(np.concatenate(expert), np.concatenate(au), np.concatenate(human), fusion)
+    result = {**asdict(fitted), "fitted_on": info}
+    _write_atomic(saved, json.dumps(result, indent=2), work)
+    return result
+
+
 def add_soft_labels(out: Path, work: Path, splits: list[str], experts: str, fusion: FusionConfig, features,
-                    options: BuildOptions) -> None:  # fmt: skip
+                    options: BuildOptions) -> dict:  # fmt: skip
     """Scores every written row with the experts, fuses with the AU component and rewrites each shard.
 
-    Resumable: the expert scores are kept in ``.build/scores`` (finished when ``DONE`` exists) and a
-    shard that already carries ``soft_label`` is not rewritten.
+    Returns the fusion parameters used (fitted ones with ``fusion.fit``). Resumable: the expert
+    scores are kept in ``.build/scores`` (finished when ``DONE`` exists), fitted parameters in
+    ``.build/fusion.json``, and a shard that already carries ``soft_label`` is not rewritten.
     """
     from models.labeling import LabelConfig, label, read_scores
 
@@ -271,28 +314,17 @@ def add_soft_labels(out: Path, work: Path, splits: list[str], experts: str, fusi
     if not (scores_dir / "DONE").is_file():
         label(LabelConfig(str(out), experts, str(scores_dir), num_workers=min(4, options.num_proc)))
         (scores_dir / "DONE").write_text("")
+    used = _fit_fusion(out, work, splits, scores_dir, fusion) if fusion.fit else asdict(fusion)
+    fusion = FusionConfig(**{k: v for k, v in used.items() if k != "fitted_on"})
     for split in splits:
         scores = read_scores(scores_dir, split)
         for shard in _default_shards(out, split):
             if "soft_label" in pq.read_schema(shard).names:
                 continue
-            table = pq.read_table(shard)
-            ids = table["image_id"].to_pylist()
-            missing = [i for i in ids if i not in scores]
-            if missing:
-                raise RuntimeError(f"no expert scores for {len(missing)} rows of {shard.name} (e.g. {missing[0]})")
-            expert = np.stack([scores[i] for i in ids]).astype(np.float64)
-            if "landmarks" in table.column_names:
-                points = [
-                    np.full((68, 2), np.nan) if p is None else np.asarray(p) for p in table["landmarks"].to_pylist()
-                ]
-                au = au_scores(np.stack(points)) if points else np.zeros((0, 8))
-            else:
-                au = np.full((len(ids), 8), np.nan)
+            _, expert, au, human = _shard_inputs(shard, scores)
             soft = fuse(expert, au, fusion)
             validate(soft)
-            human = np.asarray(table["human_label"].to_pylist(), dtype=np.float64)
-            human = np.where(np.isnan(human), -1, human).astype(np.int64)
+            table = pq.read_table(shard)
             new = {
                 "soft_label": soft,
                 "subset": subsets(soft, human, fusion),
@@ -310,6 +342,7 @@ def add_soft_labels(out: Path, work: Path, splits: list[str], experts: str, fusi
                 table = table.append_column(name, array)
             table = table.select(list(features))
             _write_parquet_atomic(shard, features, None, work, table=table)
+    return used
 
 
 def build(
@@ -384,7 +417,7 @@ def build(
 
     written_splits = [s for s in splits if _default_shards(out, s)]
     if experts:
-        add_soft_labels(out, work, written_splits, experts, fusion, final_features, options)
+        fusion_used = add_soft_labels(out, work, written_splits, experts, fusion, final_features, options)
         features = final_features
     for split in written_splits:
         _derive_labels(out, work, split, features)
@@ -393,6 +426,8 @@ def build(
                 _derive_subset(out, work, split, features, subset, options.shard_rows)
 
     report = _report(out, work, read, fingerprint)
+    if experts:
+        report["fusion"] = fusion_used
     rejects = b"".join(p.read_bytes() for split in splits for p in sorted((work / "rejects").glob(f"{split}-*.jsonl")))
     _write_atomic(out / "rejects.jsonl", rejects, work)
     _write_atomic(out / "README.md", str(render_card(out, reader, config, report, features)), work)

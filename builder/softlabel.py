@@ -3,8 +3,14 @@
     s = normalise((λ p̂ + (1 - λ) â) ** (1 / T))
 
 p̂ is the experts' distribution (f_k normalised to sum to 1), â the AU component (``builder.au``).
-The human label never enters s; the subsets measure how far s agrees with it. A row without
+The human label never enters a row's s; the subsets measure how far s agrees with it. A row without
 landmarks (no â) is fused from the experts alone; a row without expert scores from the AU alone.
+
+λ and T can be fitted instead of set (``FusionConfig(fit=True)``, ``fit_fusion``): the pair that
+maximises the mean log-probability of the annotators' labels over the labelled rows whose expert
+scores are out-of-fold. That is calibration, two numbers for the whole dataset: annotators sample
+their label from what they perceive, so the likelihood of their labels is highest when s is as sharp
+as the truth and weighs the two components by how informative each is.
 
 Example:
     >>> import numpy as np
@@ -16,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,6 +41,7 @@ class FusionConfig:
         easy_min_confidence: easy needs rank 1 and s_h at least this.
         difficult_max_confidence: s_h below this is difficult whatever its rank.
         difficult_min_rank: rank of s_h (1 = largest) from which a row is difficult.
+        fit: choose λ and T by ``fit_fusion`` on the labelled rows instead of using the two above.
     """
 
     expert_weight: float = 0.5
@@ -42,6 +49,7 @@ class FusionConfig:
     easy_min_confidence: float = 0.5
     difficult_max_confidence: float = 0.15
     difficult_min_rank: int = 3
+    fit: bool = False
 
     def __post_init__(self):
         if not 0 <= self.expert_weight <= 1:
@@ -81,6 +89,54 @@ def fuse(expert_scores: np.ndarray | None, au_scores: np.ndarray | None, config:
     weight = np.where(has_p, np.where(has_a, config.expert_weight, 1.0), 0.0)[:, None]  # the experts' share
     mixed = weight * np.nan_to_num(p) + (1 - weight) * np.nan_to_num(a)
     return normalise(mixed ** (1 / config.temperature))
+
+
+# The grid fit_fusion searches: λ in steps of 0.05, T log-spaced over [0.05, 4].
+FIT_WEIGHTS = np.linspace(0, 1, 21)
+FIT_TEMPERATURES = np.geomspace(0.05, 4, 41)
+FIT_MAX_ROWS = 50_000
+
+
+def fit_fusion(
+    expert_scores: np.ndarray, au_scores: np.ndarray, human_labels: np.ndarray, config: FusionConfig
+) -> tuple[FusionConfig, dict]:
+    """λ and T that maximise the mean log s_h of the annotator labels h (rows with h in 0-7).
+
+    The expert scores must be out-of-fold (the labelling's cross-fitting gives that); at most
+    ``FIT_MAX_ROWS`` rows, drawn with a fixed seed, are used. Returns the fitted config (``fit`` off,
+    the thresholds kept) and what the fit saw.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> truth = rng.dirichlet(np.full(8, 0.3), 2000)
+        >>> human = np.array([rng.choice(8, p=t) for t in truth])
+        >>> fitted, info = fit_fusion(truth, rng.dirichlet(np.ones(8), 2000), human, FusionConfig(fit=True))
+        >>> fitted.expert_weight > 0.8  # the experts know the truth, the AU scores are noise
+        True
+    """
+    human_labels = np.asarray(human_labels)
+    rows = np.flatnonzero((human_labels >= 0) & (human_labels < NUM_EMOTIONS))
+    if len(rows) == 0:
+        raise ValueError("fitting λ and T needs rows with a human label 0-7; there are none")
+    if len(rows) > FIT_MAX_ROWS:
+        rows = np.sort(np.random.default_rng(0).choice(rows, FIT_MAX_ROWS, replace=False))
+    h = human_labels[rows]
+    best = (-np.inf, config.expert_weight, config.temperature)
+    for weight in FIT_WEIGHTS:
+        mixed = fuse(expert_scores[rows], au_scores[rows], replace(config, expert_weight=weight, temperature=1.0))
+        log_mixed = np.log(np.clip(mixed, 1e-12, None))
+        for temperature in FIT_TEMPERATURES:
+            # log normalise(m ** (1/T))[h] without forming it: log m_h / T - logsumexp(log m / T)
+            scaled = log_mixed / temperature
+            top = scaled.max(1, keepdims=True)
+            log_norm = top[:, 0] + np.log(np.exp(scaled - top).sum(1))
+            score = float((scaled[np.arange(len(h)), h] - log_norm).mean())
+            if score > best[0]:
+                best = (score, float(weight), float(temperature))
+    score, weight, temperature = best
+    fitted = replace(config, expert_weight=round(weight, 4), temperature=round(temperature, 4), fit=False)
+    return fitted, {"rows": int(len(rows)), "mean_log_likelihood": round(score, 4)}
 
 
 def subsets(soft_labels: np.ndarray, human_labels: np.ndarray, config: FusionConfig) -> np.ndarray:

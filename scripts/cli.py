@@ -42,7 +42,7 @@ def _build(args) -> int:
     )
     from builder.softlabel import FusionConfig
 
-    fusion = FusionConfig(expert_weight=args.expert_weight, temperature=args.temperature)
+    fusion = FusionConfig(expert_weight=args.expert_weight, temperature=args.temperature, fit=args.fit_fusion)
     report = build(
         args.source, args.out, config, options, experts=args.experts, fusion=fusion, recompute=args.recompute
     )
@@ -171,6 +171,9 @@ def make_parser() -> argparse.ArgumentParser:
         "--expert-weight", type=float, default=0.5, help="λ: weight of the experts against the AU scores"
     )
     build.add_argument("--temperature", type=float, default=1.0, help="T: < 1 sharpens the soft labels, > 1 flattens")
+    build.add_argument("--fit-fusion", action="store_true",
+                       help="choose λ and T instead: the pair under which the annotators' labels are most likely, "
+                       "on the labelled rows' out-of-fold scores (recorded in the card)")  # fmt: skip
     build.add_argument("--recompute", action="store_true",
                        help="with --experts on the AffectNet+ release: replace its soft labels and subsets")  # fmt: skip
     build.add_argument("--overwrite", action="store_true", help="replace OUT if it holds another build")

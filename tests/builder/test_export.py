@@ -16,6 +16,7 @@ from PIL import Image
 
 from affectnet_plus import AffectNetPlus, AffectNetPlusConfig, select_features
 from builder.export import BuildOptions, build
+from builder.softlabel import FusionConfig
 from builder.sources import AffectNetPlusReader, AffectNetReader
 from tests.conftest import affectnet_row, face_image, write_release_annotation
 
@@ -344,7 +345,9 @@ def test_truth_check_on_the_sample(built_sample, experts, tmp_path, capsys):
 
     raw = built_sample.parent / "raw"
     out = tmp_path / "affectnet_plus"
-    build(raw, out, AffectNetPlusConfig(), QUIET, experts=str(experts))
+    report = build(raw, out, AffectNetPlusConfig(), QUIET, experts=str(experts), fusion=FusionConfig(fit=True))
+    assert report["fusion"]["fitted_on"]["rows"] > 0 and not report["fusion"]["fit"]
+    assert "fitted: the pair that maximises" in (out / "README.md").read_text()
     result = truth_check(out, raw / "ground_truth.jsonl")
     labelled = [r for r in map(json.loads, (raw / "ground_truth.jsonl").read_text().splitlines())
                 if r["split"] != "unlabeled" and r["soft_label"] is not None and r["human_label"] < 8]  # fmt: skip
@@ -354,6 +357,8 @@ def test_truth_check_on_the_sample(built_sample, experts, tmp_path, capsys):
     assert result["annotator"]["argmax_agreement"] == result["annotator_agreement"]
     assert result["annotator"]["kl"] > result["annotator_smoothed"]["kl"]  # one-hot is the worst distribution
     assert result["au"]["argmax_agreement"] > 0.3  # landmarks carry the expression (chance: 1/8)
+    # the fitted sharpness brings the fused labels closer to the truth than label smoothing does
+    assert result["fused"]["kl"] < result["annotator_smoothed"]["kl"]
     assert (
         cli(["truth", str(out), "--ground-truth", str(raw / "ground_truth.jsonl"), "--json", str(tmp_path / "t.json")])
         == 0

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from builder.softlabel import FusionConfig, fuse, normalise, subsets, validate
+from builder.softlabel import FusionConfig, fit_fusion, fuse, normalise, subsets, validate
 
 
 def _one_hot(k, confidence=0.9):
@@ -75,3 +75,21 @@ def test_config_is_checked():
         FusionConfig(temperature=0)
     with pytest.raises(ValueError):
         FusionConfig(easy_min_confidence=0.1, difficult_max_confidence=0.2)
+
+
+def test_fit_recovers_the_informative_input_and_the_sharpness():
+    rng = np.random.default_rng(0)
+    truth = rng.dirichlet(np.full(8, 0.5), 4000)
+    human = np.array([rng.choice(8, p=t) for t in truth])  # annotators sample what they perceive
+    blurred = truth ** (1 / 2.0)  # an input twice as flat as the truth (in log space): T = 0.5 undoes it
+    noise = rng.dirichlet(np.ones(8), 4000)
+    fitted, info = fit_fusion(blurred, noise, human, FusionConfig(fit=True, easy_min_confidence=0.6))
+    assert fitted.expert_weight >= 0.9 and 0.4 <= fitted.temperature <= 0.6
+    assert fitted.easy_min_confidence == 0.6 and not fitted.fit and info["rows"] == 4000
+    swapped, _ = fit_fusion(noise, blurred, human, FusionConfig(fit=True))
+    assert swapped.expert_weight <= 0.1
+    # rows without an emotion label are not used; none at all is an error
+    _, info = fit_fusion(blurred, noise, np.where(np.arange(4000) < 1000, 9, human), FusionConfig(fit=True))
+    assert info["rows"] == 3000
+    with pytest.raises(ValueError, match="human label 0-7"):
+        fit_fusion(blurred, noise, np.full(4000, 10), FusionConfig(fit=True))
