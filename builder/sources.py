@@ -33,7 +33,7 @@ from affectnet_plus import (
     SUBSETS,
     AffectNetPlusConfig,
 )
-from builder.images import Rejected, crop_face
+from builder.images import Rejected, crop_face, detect_face
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 AFFECTNET_COLUMNS = (
@@ -488,9 +488,12 @@ def open_source(source, config: AffectNetPlusConfig):
 def make_example(record: Record, config: AffectNetPlusConfig, columns) -> dict:
     """Decodes and crops a record's image and returns its row (only ``columns``), or raises ``Rejected``."""
     landmarks = record.annotations.get("landmarks")
+    face_box, faces = record.face_box, None
+    if face_box is None and config.detect_faces:
+        face_box, faces = detect_face(record.image_path, config.max_image_pixels)
     jpeg, crop_landmarks = crop_face(
         record.image_path,
-        record.face_box,
+        face_box,
         landmarks,
         face_size=config.face_size,
         crop_margin=config.crop_margin,
@@ -502,4 +505,6 @@ def make_example(record: Record, config: AffectNetPlusConfig, columns) -> dict:
     example["image"] = {"bytes": jpeg, "path": None}
     if "landmarks" in columns:
         example["landmarks"] = crop_landmarks
+    if faces and faces > 1:  # the largest face was used; the build notes how many there were
+        example["_info"] = {"faces_detected": faces}
     return example

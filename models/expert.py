@@ -169,7 +169,6 @@ def train_expert(config: ExpertConfig) -> dict:
     from models.data import FaceDataset, OneVsRestSampler, folds, load_splits
 
     train = config.train
-    out = Path(train.output_dir)
     accelerator = make_accelerator(train)
     set_seed(train.seed)
     emotion = emotion_index(config.emotion)
@@ -218,19 +217,26 @@ def train_expert(config: ExpertConfig) -> dict:
     results.update(image_mean=list(mean), image_std=list(std))
     results["train_rows"] = {"positives": len(sampler.positives), "negatives_per_epoch": sampler.num_negatives}
 
+    save_checkpoint(accelerator, model, config, results, expert_card(config, results))
+    return results
+
+
+def save_checkpoint(accelerator, model, config, results: dict, card) -> None:
+    """Writes a trained checkpoint folder (main process) and ends the run: the model, its image
+    processor, ``training_config.json``, ``all_results.json`` and the model card; pushes it if asked."""
+    out = Path(config.train.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, is_main_process=True, save_function=accelerator.save)
-        make_processor(image_size, mean, std).save_pretrained(out)
+        make_processor(results["image_size"], results["image_mean"], results["image_std"]).save_pretrained(out)
         (out / "training_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        expert_card(config, results).save(out / "README.md")
+        card.save(out / "README.md")
         if config.push_to_hub:
             push_checkpoint(out, config.push_to_hub)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.free_memory()
-    return results
 
 
 def push_checkpoint(folder: Path, repo_id: str, private: bool = True) -> str:

@@ -144,3 +144,38 @@ def binary_metrics(prob_positive, targets, threshold: float = 0.5) -> dict:
         "positives": int(positive.sum()),
         "count": int(probs.size),
     }
+
+def concordance_correlation(predictions, targets) -> float:
+    """Lin's concordance correlation coefficient (CCC), the usual valence/arousal metric: 1 is perfect
+    agreement, 0 none; it punishes bias and scale errors that Pearson's r ignores.
+
+    Example:
+        >>> round(concordance_correlation([0.1, 0.5, -0.3], [0.1, 0.5, -0.3]), 4)
+        1.0
+    """
+    x, y = _numpy(predictions, np.float64).ravel(), _numpy(targets, np.float64).ravel()
+    if x.size < 2:
+        return float("nan")
+    covariance = ((x - x.mean()) * (y - y.mean())).mean()
+    denominator = x.var() + y.var() + (x.mean() - y.mean()) ** 2
+    return float(2 * covariance / denominator) if denominator > 0 else float("nan")
+
+
+def valence_arousal_metrics(predictions, targets) -> dict:
+    """CCC and RMSE of valence and arousal; ``predictions`` and ``targets`` are (N, 2).
+
+    Example:
+        >>> sorted(valence_arousal_metrics([[0.1, 0.2], [0.3, -0.1]], [[0.0, 0.2], [0.4, -0.2]]))
+        ['arousal_ccc', 'arousal_rmse', 'count', 'valence_ccc', 'valence_rmse']
+    """
+    predicted, target = _numpy(predictions, np.float64), _numpy(targets, np.float64)
+    result = {"count": int(len(target))}
+    for i, name in enumerate(("valence", "arousal")):
+        result[f"{name}_ccc"] = concordance_correlation(predicted[:, i], target[:, i])
+        result[f"{name}_rmse"] = float(np.sqrt(((predicted[:, i] - target[:, i]) ** 2).mean())) if len(target) else float("nan")
+    return result
+
+
+# --- Facial-expression classifier metrics (the Hard-FER / Soft-FER baselines) ---
+
+AGE_BUCKETS = ((0, 20, "<20"), (20, 40, "20-39"), (40, 60, "40-59"), (60, float("inf"), "60+"))

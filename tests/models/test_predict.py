@@ -1,0 +1,59 @@
+import json
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from affectnet_plus import EMOTIONS
+from builder.softlabel import FusionConfig
+from models.predict import predict, resolve_manifest
+from scripts.cli import main as cli
+from tests.conftest import face_image
+
+HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+def test_predict_gives_soft_labels_and_metadata_per_face(experts, tmp_path, needs_gear):
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (200, 200), (90, 90, 90)).save(blank)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 broken")
+    report = predict([HOPPER, blank, broken], str(experts), FusionConfig(temperature=0.5))
+    (face,) = report[str(HOPPER)]
+    soft = np.array([face["soft_label"][e] for e in EMOTIONS])
+    assert abs(soft.sum() - 1) < 1e-3 and (soft >= 0).all()
+    assert [e for e, _ in face["top"]] == [EMOTIONS[k] for k in np.argsort(-soft)[:3]]
+    assert abs(sum(face["expert_scores"]) - 1) < 1e-3 and abs(sum(face["au_scores"]) - 1) < 1e-3
+    assert np.asarray(face["landmarks"]).shape == (68, 2) and 0 <= face["age"] <= 100
+    assert set(face["head_pose"]) == {"yaw", "pitch", "roll"} and len(face["ethnicity"]) == 5
+    assert report[str(blank)] == [] and report[str(broken)]["error"] in ("not_an_image", "unreadable_file")
+
+
+def test_without_metadata_the_experts_alone_make_the_soft_label(experts, tmp_path):
+    paths = []
+    for i in range(3):  # already cropped faces: the whole image is the face
+        paths.append(tmp_path / f"{i}.jpg")
+        face_image(96, 96, seed=i).save(paths[-1])
+    report = predict(paths, str(experts.parent), metadata=False, whole_image=True, batch_size=2)
+    for path in paths:
+        (face,) = report[str(path)]
+        assert face["au_scores"] is None and "age" not in face
+        np.testing.assert_allclose([face["soft_label"][e] for e in EMOTIONS], face["expert_scores"], atol=2e-4)
+    # the same faces one batch at a time: the same numbers
+    again = predict(paths, str(experts), metadata=False, whole_image=True, batch_size=1)
+    assert again == report
+
+
+def test_cli_predict_and_bad_experts(experts, tmp_path, capsys):
+    path = tmp_path / "face.jpg"
+    face_image(96, 96, seed=0).save(path)
+    assert cli(["predict", str(path), "--experts", str(experts), "--whole-image", "--no-metadata", "--json"]) == 0
+    (face,) = json.loads(capsys.readouterr().out)[str(path)]
+    assert len(face["top"]) == 3
+    assert cli(["predict", str(path), "--experts", str(experts), "--whole-image", "--no-metadata"]) == 0
+    assert "1 face(s)" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no expert manifest"):
+        resolve_manifest(str(tmp_path / "nowhere.json"))
+    assert cli(["predict", str(path), "--experts", str(tmp_path / "missing" / "manifest.json")]) == 2
