@@ -135,6 +135,13 @@ def _predict(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from builder.report import write_report
+
+    print(write_report(args.dataset, args.out))
+    return 0
+
+
 def _show(args) -> int:
     """Loads a built folder exactly as users will (``load_dataset(path)``) and prints it."""
     import numpy as np
@@ -332,6 +339,17 @@ def make_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=64, help="faces per forward pass")
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(func=_predict)
+
+    report = commands.add_parser(
+        "report",
+        help="plots of a built folder: soft labels per human label, subsets, entropy, examples, metadata",
+        description="Writes OUT/report.md with PNG plots of DATASET (train and validation rows): the mean soft "
+        "label per human label, the subset composition per emotion, the soft-label entropy per subset, example "
+        "faces per subset and the metadata distributions, each when the folder has the columns.",
+    )
+    report.add_argument("dataset", help="a built AffectNet+ folder")
+    report.add_argument("--out", required=True, type=Path, help="folder of report.md and its plots")
+    report.set_defaults(func=_report)
 
     fetch = commands.add_parser(
         "fetch-models",

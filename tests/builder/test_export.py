@@ -456,3 +456,21 @@ def test_metadata_keeps_the_sources_landmarks_and_resumes(small_affectnet, tmp_p
     first = _files(out)
     build(small_affectnet, out, AffectNetPlusConfig(), QUIET, metadata=True)  # same arguments: same bytes
     assert _files(out) == first
+
+
+def test_report_plots_soft_labels_subsets_and_metadata(built_sample, experts, tmp_path):
+    from scripts.cli import main as cli
+
+    out = tmp_path / "affectnet_plus"
+    build(built_sample.parent / "raw", out, AffectNetPlusConfig(), QUIET, experts=str(experts))
+    assert cli(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.md").read_text()
+    for plot in ("soft_label_per_human_label.png", "subsets_per_emotion.png", "soft_label_entropy.png",
+                 "examples_per_subset.png"):  # fmt: skip
+        assert f"]({plot})" in page
+        with Image.open(tmp_path / "report" / plot) as image:
+            assert image.size[0] > 300 and len(set(image.convert("L").getdata())) > 20  # a drawing, not a blank
+    assert "The soft label's top emotion is the human label on" in page
+    # a folder without soft labels gets the metadata-free, soft-label-free page, not an error
+    assert cli(["report", str(built_sample), "--out", str(tmp_path / "plain")]) == 0
+    assert "no soft labels" in (tmp_path / "plain" / "report.md").read_text()

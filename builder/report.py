@@ -1,0 +1,185 @@
+"""A report on a built AffectNet+ folder: a markdown page with PNG plots, to look at rather than read.
+
+Plots (each only when the folder has the columns it needs): the mean soft label per human label
+(heatmap), the subset composition per emotion, the soft-label entropy per subset, example faces per
+subset, and the metadata distributions (age, gender, ethnicity, head pose). Written to
+``OUT/report.md`` + ``OUT/*.png``.
+
+Example:
+    >>> from builder.report import write_report
+    >>> write_report("demo/affectnet_plus", "demo/report")  # doctest: +SKIP
+    PosixPath('demo/report/report.md')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from affectnet_plus import EMOTIONS, SUBSETS
+
+PLOT_SPLITS = ("train", "validation")  # the unlabeled split's labels are automatic: kept out of the plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _columns(folder: Path) -> dict[str, list]:
+    """The labels config's columns of the labelled splits, concatenated."""
+    from datasets import load_dataset
+
+    labels = load_dataset(str(folder), "labels")
+    splits = [labels[s] for s in PLOT_SPLITS if s in labels]
+    if not splits:
+        raise ValueError(f"{folder} has no train or validation split to report on")
+    return {c: [v for s in splits for v in s[c]] for c in splits[0].column_names}
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    _pyplot().close(fig)
+    return name
+
+
+def soft_label_heatmap(human: np.ndarray, soft: np.ndarray, out: Path) -> str:
+    plt = _pyplot()
+    rows = np.array([soft[human == k].mean(0) if (human == k).any() else np.full(8, np.nan) for k in range(8)])
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(8), EMOTIONS, rotation=45, ha="right")
+    ax.set_yticks(range(8), EMOTIONS)
+    ax.set_xlabel("soft label component")
+    ax.set_ylabel("human label")
+    for i in range(8):
+        for j in range(8):
+            if np.isfinite(rows[i, j]):
+                ax.text(j, i, f"{rows[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if rows[i, j] > 0.5 else "white")  # fmt: skip
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title("Mean soft label per human label")
+    return _save(fig, out, "soft_label_per_human_label.png")
+
+
+def subset_composition(human: np.ndarray, subset: np.ndarray, out: Path) -> str:
+    plt = _pyplot()
+    counts = np.array([[((human == k) & (subset == s)).sum() for s in range(len(SUBSETS))] for k in range(8)])
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    left = np.zeros(8)
+    for s, (name, colour) in enumerate(zip(SUBSETS, ("#4caf50", "#ffb300", "#e53935"))):
+        ax.barh(range(8), shares[:, s], left=left, color=colour, label=name)
+        left += shares[:, s]
+    ax.set_yticks(range(8), [f"{e} (n={n})" for e, n in zip(EMOTIONS, counts.sum(1))])
+    ax.invert_yaxis()
+    ax.set_xlabel("share of rows")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Complexity subsets per human label")
+    return _save(fig, out, "subsets_per_emotion.png")
+
+
+def entropy_histogram(soft: np.ndarray, subset: np.ndarray, out: Path) -> str:
+    plt = _pyplot()
+    entropy = -(soft * np.log(np.clip(soft, 1e-12, None))).sum(1)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    bins = np.linspace(0, np.log(8), 30)
+    for s, (name, colour) in enumerate(zip(SUBSETS, ("#4caf50", "#ffb300", "#e53935"))):
+        if (subset == s).any():
+            ax.hist(entropy[subset == s], bins=bins, alpha=0.6, color=colour, label=f"{name} (n={(subset == s).sum()})")
+    ax.axvline(np.log(8), color="grey", linestyle=":", label="uniform")
+    ax.set_xlabel("soft-label entropy (nats)")
+    ax.set_ylabel("rows")
+    ax.legend(fontsize=8)
+    ax.set_title("How spread the soft labels are, per subset")
+    return _save(fig, out, "soft_label_entropy.png")
+
+
+def example_grid(folder: Path, out: Path, per_subset: int = 8) -> str:
+    """The first faces of each subset config (train split), with their human label and top soft label."""
+    from datasets import load_dataset
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(SUBSETS), per_subset, figsize=(1.6 * per_subset, 1.9 * len(SUBSETS)), squeeze=False)
+    for s, name in enumerate(SUBSETS):
+        try:
+            rows = load_dataset(str(folder), name, split="train")
+        except (ValueError, FileNotFoundError):
+            rows = []
+        for i in range(per_subset):
+            ax = axes[s, i]
+            ax.axis("off")
+            if i < len(rows):
+                row = rows[i]
+                ax.imshow(row["image"])
+                top = int(np.argmax(row["soft_label"]))
+                ax.set_title(f"{EMOTIONS[row['human_label']][:7]} / {EMOTIONS[top][:7]}", fontsize=7)
+        axes[s, 0].text(-0.15, 0.5, name, transform=axes[s, 0].transAxes, rotation=90, va="center", ha="right")
+    fig.suptitle("Examples per subset (human label / top of the soft label)", fontsize=9)
+    return _save(fig, out, "examples_per_subset.png")
+
+
+def metadata_distributions(columns: dict[str, list], out: Path) -> str | None:
+    present = [c for c in ("age", "gender", "ethnicity", "head_pose") if c in columns]
+    if not present:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 3.0), squeeze=False)
+    for ax, column in zip(axes[0], present):
+        values = [v for v in columns[column] if v is not None]
+        if column == "age":
+            ax.hist(values, bins=np.arange(0, 101, 5), color="#5c6bc0")
+            ax.set_xlabel("age (years)")
+        elif column == "head_pose":
+            for angle, colour in zip(("yaw", "pitch", "roll"), ("#1e88e5", "#43a047", "#fb8c00")):
+                ax.hist([v[angle] for v in values], bins=np.arange(-90, 91, 5), alpha=0.6, color=colour, label=angle)
+            ax.set_xlabel("degrees")
+            ax.legend(fontsize=7)
+        else:  # probability structs: the most probable class per row
+            names = list(values[0]) if values else []
+            counts = [sum(max(v, key=v.get) == n for v in values) for n in names]
+            ax.bar(names, counts, color="#8d6e63")
+            ax.tick_params(axis="x", rotation=45)
+            ax.set_xlabel(f"most probable {column}")
+        ax.set_title(f"{column} (n={len(values)})", fontsize=9)
+    fig.suptitle("Metadata (model estimates where the source lacked them)", fontsize=9)
+    return _save(fig, out, "metadata.png")
+
+
+def write_report(folder, out) -> Path:
+    """Writes ``out/report.md`` and its plots for the built folder ``folder``; returns the page's path."""
+    folder, out = Path(folder), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = _columns(folder)
+    human = np.asarray(columns["human_label"])
+    emotion = human < len(EMOTIONS)
+    sections = [f"# AffectNet+ report: `{folder.name}`", "",
+                f"{len(human)} labelled rows (train + validation), {int(emotion.sum())} with an emotion label."]  # fmt: skip
+    if "soft_label" in columns:
+        soft = np.asarray([s for s, e in zip(columns["soft_label"], emotion) if e], dtype=np.float64)
+        subset = np.asarray(columns["subset"])[emotion]
+        h = human[emotion]
+        agree = float((soft.argmax(1) == h).mean())
+        sizes = ", ".join(f"{name} {int((subset == s).sum())} ({(subset == s).mean():.0%})" for s, name in enumerate(SUBSETS))
+        sections += [
+            "", "## Soft labels", "",
+            f"The soft label's top emotion is the human label on {agree:.1%} of the rows. Subsets: {sizes}.", "",
+            f"![mean soft label per human label]({soft_label_heatmap(h, soft, out)})", "",
+            f"![subsets per emotion]({subset_composition(h, subset, out)})", "",
+            f"![soft-label entropy]({entropy_histogram(soft, subset, out)})", "",
+            f"![examples per subset]({example_grid(folder, out)})",
+        ]  # fmt: skip
+    else:
+        sections += ["", "This folder has no soft labels: build it with `--experts` to see them here."]
+    metadata = metadata_distributions(columns, out)
+    if metadata:
+        sections += ["", "## Metadata", "", f"![metadata]({metadata})"]
+    page = out / "report.md"
+    page.write_text("\n".join(sections) + "\n", encoding="utf-8")
+    return page
