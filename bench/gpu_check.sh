@@ -31,7 +31,8 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 
 start=$(date +%s)
 python3 bench/synthetic_images.py --out "$WORK/raw" --n "${IMAGES:-24000}" --num-proc "$(nproc)"
-python3 -m scripts.cli build "$WORK/raw" --format imagefolder --out "$WORK/affectnet_plus" --num-proc "$(nproc)" --quiet
+python3 -m scripts.cli build "$WORK/raw" --format imagefolder --out "$WORK/affectnet_plus" --num-proc "$(nproc)" --quiet \
+  --no-metadata
 echo "data ready in $(( $(date +%s) - start )) s"
 
 for dynamo in ${DYNAMO:-no}; do
@@ -48,3 +49,8 @@ print(f"dynamo={sys.argv[2]} steps={r['step']} train_samples/s={r['train_samples
       f"steady_samples/s={r.get('steady_samples_per_second')} (target >= 3000)")
 PY
 done
+
+# Labelling: the cross-fitted ensemble of 8 x 2 ViT-B/16 experts (untrained: speed does not depend on the
+# weights) in bf16 over the same images, through label()'s path; per-expert images/s (target >= 15000).
+python3 bench/label.py --data "$WORK/affectnet_plus" --preset base --skip-pipeline --repeats 2 \
+  --batch-size "${LABEL_BATCH:-1024}" --num-workers "$(( $(nproc) - 2 ))" --out "$WORK" | tee "$RESULTS/label.json"

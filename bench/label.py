@@ -37,6 +37,30 @@ def experts_for(data: Path, out: Path) -> Path:
     return manifest
 
 
+def random_experts(out: Path, preset: str) -> Path:
+    """An 8 x 2 manifest of untrained experts of ``preset``: throughput does not depend on the weights."""
+    from models.expert import make_expert, make_processor
+
+    manifest = out / f"label-experts-{preset}" / "manifest.json"
+    if not manifest.is_file():
+        entries = []
+        for emotion in EMOTIONS:
+            for fold in range(2):
+                folder = manifest.parent / f"{emotion}-f{fold}"
+                model = make_expert(emotion, preset)
+                model.save_pretrained(folder)
+                make_processor(model.config.image_size).save_pretrained(folder)
+                entries.append({"emotion": emotion, "fold": fold, "path": folder.name})
+        manifest.write_text(json.dumps({"num_folds": 2, "experts": entries}, indent=2))
+    return manifest
+
+
+def expert_forwards(data: Path) -> int:
+    """Expert forward passes per labelling run: 8 per train row (its fold's), 16 per other row."""
+    splits = load_splits(data, columns=("image_id",))
+    return sum(len(s) * (8 if name == "train" else 16) for name, s in splits.items())
+
+
 def run_project(data: Path, manifest: Path, out: Path, args) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
@@ -73,9 +97,25 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sample-size", type=int, default=600)
     parser.add_argument("--out", type=Path, default=HERE / "out")
+    parser.add_argument("--data", type=Path, default=None, help="a built folder instead of the sample")
+    parser.add_argument("--preset", choices=("tiny", "base"), default=None,
+                        help="untrained experts of this preset instead of the 1-step tiny ones")  # fmt: skip
+    parser.add_argument("--skip-pipeline", action="store_true",
+                        help="only the project path, reported per expert (the GPU check: pipeline is CPU-bound)")  # fmt: skip
     args = parser.parse_args(argv)
-    data = sample_folder(args.out, args.sample_size)
-    manifest = experts_for(data, args.out)
+    data = args.data or sample_folder(args.out, args.sample_size)
+    manifest = random_experts(args.out, args.preset) if args.preset else experts_for(data, args.out)
+    if args.skip_pipeline:
+        forwards = expert_forwards(data)
+        runs = [run_project(data, manifest, args.out / "label-scores", args) for _ in range(args.repeats)]
+        rows_s = statistics.median(runs)
+        rows = sum(len(s) for s in load_splits(data, columns=("image_id",)).values())
+        results = {"rows": rows, "experts": f"8 x 2 {args.preset or 'tiny'}", "batch_size": args.batch_size,
+                   "rows_s": round(rows_s, 1), "expert_images_s": round(rows_s * forwards / rows, 1),
+                   "all_rows_s": [round(v, 1) for v in runs]}  # fmt: skip
+        print(json.dumps(results, indent=2))
+        (args.out / "label-only.json").write_text(json.dumps(results, indent=2))
+        return 0
     project, baseline = [], []
     for _ in range(args.repeats):
         project.append(run_project(data, manifest, args.out / "label-scores", args))

@@ -269,6 +269,7 @@ def _derive_subset(out: Path, work: Path, split: str, features, subset: int, sha
 
 NON_FACE = HUMAN_LABELS.index("non_face")
 USUAL_INFO = {("faces", 1), ("landmarks_box", "detector")}
+METADATA_TASK_ROWS = 128  # rows per metadata task: small enough to spread one shard over the processes
 
 
 def metadata_annotators(columns, config: AffectNetPlusConfig, va_model: str | None = None) -> list:
@@ -293,12 +294,12 @@ def metadata_annotators(columns, config: AffectNetPlusConfig, va_model: str | No
     return needed
 
 
-def _annotate_shard(task) -> tuple[dict, list[dict]]:
-    """Worker: runs the annotators over one shard's crops; returns the new columns and the notes."""
+def _annotate_rows(task) -> tuple[dict, list[dict]]:
+    """Worker: runs the annotators over rows ``start:stop`` of a shard; returns the new columns and notes."""
     from builder.annotators import run_annotators
 
-    shard, split, annotators, batch_size = task
-    table = pq.read_table(shard)
+    shard, split, start, stop, annotators, batch_size = task
+    table = pq.read_table(shard).slice(start, stop - start)
     outputs = [c for a in annotators for c in a.outputs]
     # A row its annotators called non-face gets no face metadata: a model would invent some.
     human = table["human_label"].to_pylist() if "human_label" in table.column_names else [None] * table.num_rows
@@ -338,30 +339,37 @@ def add_metadata(out: Path, work: Path, splits: list[str], annotators: list, fea
     Resumable: a shard that already has the columns is skipped.
     """
     outputs = [c for a in annotators for c in a.outputs]
-    tasks = []
-    for split in splits:
-        for shard in _default_shards(out, split):
-            if not set(outputs) <= set(pq.read_schema(shard).names):
-                tasks.append((shard, split, annotators, batch_size))
-    if not tasks:
+    shards = [(shard, split) for split in splits for shard in _default_shards(out, split)
+              if not set(outputs) <= set(pq.read_schema(shard).names)]  # fmt: skip
+    if not shards:
         return
-    bar = tqdm(total=sum(pq.ParquetFile(t[0]).metadata.num_rows for t in tasks), desc="metadata", unit="img",
-               disable=not options.progress)  # fmt: skip
+    # Tasks are slices of shards, so that every process has work even when a build has one big shard.
+    sizes = {shard: pq.ParquetFile(shard).metadata.num_rows for shard, _ in shards}
+    tasks = [(shard, split, start, min(start + METADATA_TASK_ROWS, sizes[shard]), annotators, batch_size)
+             for shard, split in shards for start in range(0, max(sizes[shard], 1), METADATA_TASK_ROWS)]  # fmt: skip
+    bar = tqdm(total=sum(sizes.values()), desc="metadata", unit="img", disable=not options.progress)
     pool = None
     if options.num_proc > 1 and len(tasks) > 1:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         pool = multiprocessing.get_context(method).Pool(min(options.num_proc, len(tasks)), _one_thread)
     try:
-        results = pool.imap(_annotate_shard, tasks) if pool else map(_annotate_shard, tasks)
-        for (shard, *_), (columns, notes) in zip(tasks, results):
+        results = pool.imap(_annotate_rows, tasks) if pool else map(_annotate_rows, tasks)
+        pending: dict[str, list] = {}
+        for (shard, _, _, stop, *_), (columns, notes) in zip(tasks, results):
+            parts = pending.setdefault(shard, [])
+            parts.append((columns, notes))
+            bar.update(sum(len(v) for v in columns.values()) // max(len(columns), 1))
+            if stop < sizes[shard]:
+                continue  # tasks come back in order: the shard is complete at its last slice
             table = pq.read_table(shard)
-            for name, values in columns.items():
+            for name in outputs:
+                values = [v for columns, _ in parts for v in columns[name]]
                 if name in table.column_names:
                     table = table.drop_columns([name])
                 table = table.append_column(name, _arrow_column(features, name, values))
-            _write_atomic(work / "notes" / f"{shard.stem}-metadata.jsonl", _jsonl(notes), work)
+            _write_atomic(work / "notes" / f"{shard.stem}-metadata.jsonl", _jsonl([n for _, ns in parts for n in ns]), work)
             _write_parquet_atomic(shard, features, None, work, table=table.select(list(features)))
-            bar.update(table.num_rows)
+            del pending[shard]
     finally:
         if pool is not None:
             pool.close()

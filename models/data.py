@@ -129,3 +129,19 @@ class OneVsRestSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.positives) + self.num_negatives
+
+
+class ShuffledRows(torch.utils.data.Sampler):
+    """``rows`` in a fresh order each epoch, from (seed, epoch): the same in every process and on resume."""
+
+    def __init__(self, rows: np.ndarray, seed: int):
+        self.rows, self.seed, self.epoch = np.asarray(rows), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.rows).tolist())
+
+    def __len__(self) -> int:
+        return len(self.rows)

@@ -24,7 +24,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from affectnet_plus import EMOTIONS
 from models.losses import balanced_cross_entropy
 from models.metrics import binary_metrics
-from models.training import TrainConfig, fit, make_accelerator, make_loader
+from models.training import TrainConfig, fit, make_accelerator, make_loader, make_train_loader
 from models.transforms import HALF, AugmentConfig, BatchTransform
 
 # tiny: random init, small images: the tests and the CPU demo. base: ViT-B/16 at 224 px.
@@ -67,17 +67,22 @@ def check_safetensors(init_from: str) -> None:
     raise ValueError(f"--init-from {init_from} holds no model weights (no *.safetensors)")
 
 
-def make_expert(emotion: str, preset: str = "tiny", init_from: str | None = None, image_size: int | None = None):
-    """A two-label ViT expert for ``emotion``: from a preset (random init) or from a pretrained ViT.
+def make_vit(id2label: dict[int, str], problem_type: str = "single_label_classification", preset: str = "tiny",
+             init_from: str | None = None, image_size: int | None = None):  # fmt: skip
+    """A ``ViTForImageClassification`` with the head ``id2label``: from a preset (random init) or from a
+    pretrained ViT (safetensors only; its head is replaced). Every model the project trains is one.
 
     Args:
-        emotion: one of ``EMOTIONS``.
+        id2label: the outputs' names; ``problem_type``: ``single_label_classification`` or ``regression``.
         preset: ``tiny`` or ``base`` (architecture when ``init_from`` is not given).
-        init_from: a local folder or Hub id of a ViT checkpoint (safetensors only); its head is replaced.
-        image_size: input side in pixels; must be a multiple of the patch size.
+        init_from: a local folder or Hub id of a ViT checkpoint.
+        image_size: input side in pixels; must be a multiple of the patch size (and the checkpoint's).
+
+    Example:
+        >>> make_vit({0: "valence", 1: "arousal"}, "regression").config.num_labels
+        2
     """
-    id2label = expert_labels(emotion)
-    labels = dict(id2label=id2label, label2id={v: k for k, v in id2label.items()}, num_labels=2)
+    labels = dict(id2label=id2label, label2id={v: k for k, v in id2label.items()}, num_labels=len(id2label))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if init_from:
@@ -91,12 +96,17 @@ def make_expert(emotion: str, preset: str = "tiny", init_from: str | None = None
     if init_from and image_size != config.image_size:
         raise ValueError(f"{init_from} was trained at {config.image_size} px; --image-size {image_size} differs")
     config.image_size = image_size
-    config.update({**labels, "problem_type": "single_label_classification"})
+    config.update({**labels, "problem_type": problem_type})
     if init_from:
         return ViTForImageClassification.from_pretrained(
             init_from, config=config, ignore_mismatched_sizes=True, use_safetensors=True
         )
     return ViTForImageClassification(config)
+
+
+def make_expert(emotion: str, preset: str = "tiny", init_from: str | None = None, image_size: int | None = None):
+    """A two-label ViT expert for ``emotion`` (``not_<emotion>`` / ``<emotion>``); see ``make_vit``."""
+    return make_vit(expert_labels(emotion), "single_label_classification", preset, init_from, image_size)
 
 
 def make_processor(image_size: int, mean=HALF, std=HALF):
@@ -201,11 +211,7 @@ def train_expert(config: ExpertConfig) -> dict:
             eval_loaders["validation"] = make_loader(
                 torch.utils.data.Subset(val_data, val_rows), train.eval_batch_size, num_workers=train.num_workers
             )
-    # Full batches only (steady shapes for compiled graphs), unless an epoch is smaller than one batch.
-    drop_last = len(sampler) >= train.per_device_batch_size * accelerator.num_processes
-    train_loader = make_loader(
-        train_data, train.per_device_batch_size, sampler=sampler, num_workers=train.num_workers, drop_last=drop_last
-    )
+    train_loader = make_train_loader(train_data, sampler, train, accelerator)
     transform = BatchTransform(image_size, mean, std, augment=config.augment)
 
     if train.report_to != "none":
@@ -233,24 +239,12 @@ def save_checkpoint(accelerator, model, config, results: dict, card) -> None:
         (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
         card.save(out / "README.md")
         if config.push_to_hub:
-            push_checkpoint(out, config.push_to_hub)
+            from builder.hub import push_model
+
+            push_model(out, config.push_to_hub)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.free_memory()
-
-
-def push_checkpoint(folder: Path, repo_id: str, private: bool = True) -> str:
-    """Uploads a checkpoint folder (without its training-state checkpoints and logs) to the Hub."""
-    from huggingface_hub import create_repo, upload_folder
-
-    create_repo(repo_id, private=private, exist_ok=True)
-    commit = upload_folder(
-        folder_path=str(folder),
-        repo_id=repo_id,
-        ignore_patterns=["checkpoints/*", "logs/*"],
-        commit_message="Add expert",
-    )
-    return str(commit)
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

@@ -145,6 +145,7 @@ def binary_metrics(prob_positive, targets, threshold: float = 0.5) -> dict:
         "count": int(probs.size),
     }
 
+
 def concordance_correlation(predictions, targets) -> float:
     """Lin's concordance correlation coefficient (CCC), the usual valence/arousal metric: 1 is perfect
     agreement, 0 none; it punishes bias and scale errors that Pearson's r ignores.
@@ -179,3 +180,161 @@ def valence_arousal_metrics(predictions, targets) -> dict:
 # --- Facial-expression classifier metrics (the Hard-FER / Soft-FER baselines) ---
 
 AGE_BUCKETS = ((0, 20, "<20"), (20, 40, "20-39"), (40, 60, "40-59"), (60, float("inf"), "60+"))
+
+
+def age_bucket(age) -> str | None:
+    """The age group of the demographic breakdown: ``<20``, ``20-39``, ``40-59``, ``60+`` (None if unknown).
+
+    Example:
+        >>> [age_bucket(a) for a in (19.9, 20, 59, 60, None)]
+        ['<20', '20-39', '40-59', '60+', None]
+    """
+    if age is None or not np.isfinite(age):
+        return None
+    return next(name for low, high, name in AGE_BUCKETS if low <= age < high)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(-1, keepdims=True)
+
+
+def macro_f1(predictions, targets) -> float:
+    """Unweighted mean of the per-class F1 over the classes present in ``targets`` or ``predictions``
+    (as scikit-learn's ``f1_score(average="macro")``); ``nan`` for an empty input.
+
+    Example:
+        >>> macro_f1([0, 0, 1, 1], [0, 1, 1, 1])  # F1 of class 0: 2/3, of class 1: 4/5
+        0.7333333333333334
+    """
+    predictions = _numpy(predictions).reshape(-1).astype(np.int64)
+    targets = _numpy(targets).reshape(-1).astype(np.int64)
+    if targets.size == 0:
+        return float("nan")
+    length = int(max(predictions.max(), targets.max())) + 1
+    true_positive = np.bincount(targets[predictions == targets], minlength=length)
+    support, predicted = np.bincount(targets, minlength=length), np.bincount(predictions, minlength=length)
+    present = (support + predicted) > 0
+    return float((2 * true_positive[present] / (support[present] + predicted[present])).mean())
+
+
+def cohen_kappa(predictions, targets) -> float:
+    """Cohen's kappa (unweighted): agreement beyond chance, ``(p_o - p_e) / (1 - p_e)``; 0 is chance.
+
+    ``nan`` when chance agreement is already 1 (a single class in both), or for an empty input.
+
+    Example:
+        >>> cohen_kappa([0, 1, 0, 1], [0, 0, 1, 1])  # agrees half the time, as chance would
+        0.0
+    """
+    predictions = _numpy(predictions).reshape(-1).astype(np.int64)
+    targets = _numpy(targets).reshape(-1).astype(np.int64)
+    if targets.size == 0:
+        return float("nan")
+    length = int(max(predictions.max(), targets.max())) + 1
+    observed = float((predictions == targets).mean())
+    chance = float((np.bincount(predictions, minlength=length) * np.bincount(targets, minlength=length)).sum())
+    chance /= targets.size**2
+    return (observed - chance) / (1 - chance) if chance < 1 else float("nan")
+
+
+def _kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    # 0 * log(0 / q) = 0; q is clipped so that a confident wrong prediction gives a large, finite value.
+    q = np.clip(q, 1e-12, None)
+    terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q)), 0.0)
+    return terms.sum(-1)
+
+
+def kl_divergence(soft_labels, probs) -> float:
+    """Mean KL(soft label || predicted distribution) over rows, in nats.
+
+    Example:
+        >>> round(kl_divergence([[0.5, 0.5]], [[0.9, 0.1]]), 4)
+        0.5108
+    """
+    p, q = _numpy(soft_labels, np.float64), _numpy(probs, np.float64)
+    return float(_kl_rows(p, q).mean()) if len(p) else float("nan")
+
+
+def js_divergence(soft_labels, probs) -> float:
+    """Mean Jensen-Shannon divergence between soft labels and predicted distributions, in nats (<= ln 2).
+
+    Example:
+        >>> round(js_divergence([[1.0, 0.0]], [[0.0, 1.0]]), 4)  # ln 2
+        0.6931
+    """
+    p, q = _numpy(soft_labels, np.float64), _numpy(probs, np.float64)
+    if not len(p):
+        return float("nan")
+    m = (p + q) / 2
+    return float((0.5 * _kl_rows(p, m) + 0.5 * _kl_rows(q, m)).mean())
+
+
+def fer_metrics(logits, human_labels, soft_labels=None, groups: dict | None = None, n_bins: int = 15) -> dict:
+    """Evaluation of an emotion classifier against human labels (and soft labels), with breakdowns.
+
+    Args:
+        logits: ``(N, C)`` class scores (softmax is applied; pass ``log(probs)`` for probabilities).
+        human_labels: ``(N,)`` class indices in ``[0, C)``.
+        soft_labels: optional ``(N, C)`` distributions (rows summing to 1); rows with a non-finite value
+            are left out of ``kl_divergence`` / ``js_divergence``.
+        groups: optional ``{name: (N,) group of each row}`` (e.g. ``subset``, ``gender``, ``ethnicity``,
+            ``age``); a row whose group is None or ``""`` is left out of that breakdown.
+        n_bins: bins of the expected calibration error of the predicted class.
+
+    Returns a flat dict of Python numbers: ``count``, ``top1_accuracy``, ``top2_accuracy``, ``macro_f1``,
+    ``cohen_kappa``, ``ece``, with soft labels ``kl_divergence`` and ``js_divergence`` (nats); per group
+    ``{name}_{group}_top1_accuracy`` and ``{name}_{group}_count``, and ``{name}_top1_gap``, the largest
+    difference of top-1 accuracy between two groups of ``name``.
+
+    Example:
+        >>> m = fer_metrics([[2.0, 0.0], [0.0, 1.0]], [0, 0], groups={"subset": ["easy", "difficult"]})
+        >>> m["top1_accuracy"], m["top2_accuracy"], m["subset_easy_top1_accuracy"], m["subset_top1_gap"]
+        (0.5, 1.0, 1.0, 1.0)
+    """
+    logits = _numpy(logits, np.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"expected logits of shape (N, C), got {logits.shape}")
+    labels = _numpy(human_labels).reshape(-1).astype(np.int64)
+    count, num_classes = logits.shape
+    if labels.shape[0] != count:
+        raise ValueError(f"{labels.shape[0]} human labels for {count} predictions")
+    if count and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"human labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    probs = _softmax(logits)
+    predicted = probs.argmax(-1) if count else labels
+    # Ties broken by index, like argmax: the label is in the top 2 if fewer than 2 classes beat it.
+    above = (probs > probs[np.arange(count), labels][:, None]).sum(-1)
+    tied_before = ((probs == probs[np.arange(count), labels][:, None]) & (np.arange(num_classes) < labels[:, None]))
+    rank = above + tied_before.sum(-1)
+    correct = predicted == labels
+    nan = float("nan")
+    result = {
+        "count": int(count),
+        "top1_accuracy": float(correct.mean()) if count else nan,
+        "top2_accuracy": float((rank < 2).mean()) if count else nan,
+        "macro_f1": macro_f1(predicted, labels),
+        "cohen_kappa": cohen_kappa(predicted, labels),
+        "ece": expected_calibration_error(probs, labels, n_bins=n_bins) if num_classes > 1 else nan,
+    }
+    if soft_labels is not None:
+        soft = _numpy(soft_labels, np.float64)
+        if soft.shape != probs.shape:
+            raise ValueError(f"soft labels of shape {soft.shape} for predictions of shape {probs.shape}")
+        known = np.isfinite(soft).all(-1)
+        result["kl_divergence"] = kl_divergence(soft[known], probs[known])
+        result["js_divergence"] = js_divergence(soft[known], probs[known])
+    for name, values in (groups or {}).items():
+        values = np.asarray(values, dtype=object).reshape(-1)
+        if values.shape[0] != count:
+            raise ValueError(f"{values.shape[0]} values of group {name!r} for {count} predictions")
+        accuracies = {}
+        for group in sorted({v for v in values.tolist() if v is not None and v != ""}, key=str):
+            rows = np.asarray([v == group for v in values.tolist()], dtype=bool)
+            accuracies[group] = float(correct[rows].mean())
+            result[f"{name}_{group}_top1_accuracy"] = accuracies[group]
+            result[f"{name}_{group}_count"] = int(rows.sum())
+        if accuracies:
+            result[f"{name}_top1_gap"] = max(accuracies.values()) - min(accuracies.values())
+    return result

@@ -102,6 +102,15 @@ def make_loader(dataset, batch_size: int, sampler=None, num_workers: int = 0, sh
     )
 
 
+def make_train_loader(dataset, sampler, config: TrainConfig, accelerator: Accelerator):
+    """The training loader of ``sampler``'s rows: full batches only (steady shapes for compiled graphs),
+    unless an epoch is smaller than one batch across the processes."""
+    drop_last = len(sampler) >= config.per_device_batch_size * accelerator.num_processes
+    return make_loader(
+        dataset, config.per_device_batch_size, sampler=sampler, num_workers=config.num_workers, drop_last=drop_last
+    )
+
+
 def latest_checkpoint(output_dir) -> Path | None:
     steps = [
         (int(m.group(1)), p)

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 from huggingface_hub import ModelCard, ModelCardData
-from transformers import ViTConfig, ViTForImageClassification
 
 from models.cards import _table, dataset_license
-from models.expert import PRESETS, _flat, _processor_stats, check_safetensors, save_checkpoint
+from models.expert import PRESETS, _flat, _processor_stats, make_vit, save_checkpoint
 from models.metrics import valence_arousal_metrics
-from models.training import TrainConfig, fit, make_accelerator, make_loader
+from models.training import TrainConfig, fit, make_accelerator, make_loader, make_train_loader
 from models.transforms import AugmentConfig, BatchTransform
 
 VA_LABELS = {0: "valence", 1: "arousal"}
@@ -51,37 +50,7 @@ class RegressorConfig:
 
 def make_regressor(preset: str = "tiny", init_from: str | None = None, image_size: int | None = None):
     """A ViT with a 2-output regression head (valence, arousal), from a preset or a pretrained ViT."""
-    labels = {"id2label": VA_LABELS, "label2id": {v: k for k, v in VA_LABELS.items()}}
-    if init_from:
-        check_safetensors(init_from)
-        config = ViTConfig.from_pretrained(init_from)
-    else:
-        config = ViTConfig(**PRESETS[preset])
-    if image_size and image_size % config.patch_size:
-        raise ValueError(f"image size {image_size} is not a multiple of the patch size {config.patch_size}")
-    config.image_size = image_size or config.image_size
-    config.update({**labels, "num_labels": 2, "problem_type": "regression"})
-    if init_from:
-        return ViTForImageClassification.from_pretrained(
-            init_from, config=config, ignore_mismatched_sizes=True, use_safetensors=True
-        )
-    return ViTForImageClassification(config)
-
-
-class _Shuffled(torch.utils.data.Sampler):
-    """``rows`` in a fresh order each epoch, from (seed, epoch): the same in every process and on resume."""
-
-    def __init__(self, rows: np.ndarray, seed: int):
-        self.rows, self.seed, self.epoch = np.asarray(rows), seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.rows).tolist())
-
-    def __len__(self) -> int:
-        return len(self.rows)
+    return make_vit(VA_LABELS, "regression", preset, init_from, image_size)
 
 
 def _targets(split) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +72,7 @@ def train_regressor(config: RegressorConfig) -> dict:
 
     Raises ``ValueError`` before any step when the data has no train row with valence and arousal.
     """
-    from models.data import FaceDataset, load_splits
+    from models.data import FaceDataset, ShuffledRows, load_splits
 
     train = config.train
     accelerator = make_accelerator(train)
@@ -128,11 +97,7 @@ def train_regressor(config: RegressorConfig) -> dict:
                 torch.utils.data.Subset(val_data, val_rows.tolist()), train.eval_batch_size,
                 num_workers=train.num_workers,
             )  # fmt: skip
-    sampler = _Shuffled(rows, train.seed)
-    drop_last = len(rows) >= train.per_device_batch_size * accelerator.num_processes
-    train_loader = make_loader(
-        train_data, train.per_device_batch_size, sampler=sampler, num_workers=train.num_workers, drop_last=drop_last
-    )
+    train_loader = make_train_loader(train_data, ShuffledRows(rows, train.seed), train, accelerator)
     # Flips keep valence and arousal; the other augmentations are the experts'.
     transform = BatchTransform(image_size, mean, std, augment=config.augment)
     if train.report_to != "none":

@@ -135,6 +135,20 @@ def _predict(args) -> int:
     return 0
 
 
+def _push(args) -> int:
+    from builder.hub import push_dataset, push_model
+
+    if args.kind == "dataset":
+        url = push_dataset(args.folder, args.repo, private=not args.public, gated=not args.ungated,
+                           labels_only=args.labels_only)  # fmt: skip
+    else:
+        if args.labels_only or args.ungated:
+            raise ValueError("--labels-only and --ungated are for datasets")
+        url = push_model(args.folder, args.repo, private=not args.public)
+    print(url)
+    return 0
+
+
 def _report(args) -> int:
     from builder.report import write_report
 
@@ -350,6 +364,23 @@ def make_parser() -> argparse.ArgumentParser:
     report.add_argument("dataset", help="a built AffectNet+ folder")
     report.add_argument("--out", required=True, type=Path, help="folder of report.md and its plots")
     report.set_defaults(func=_report)
+
+    push = commands.add_parser(
+        "push",
+        help="publish a built dataset folder or a checkpoint to the Hub (private and gated by default)",
+        description="push dataset FOLDER --repo ORG/affectnet_plus publishes a built folder in one commit: private "
+        "and gated (manual approval) unless told otherwise, its card carrying the data's license terms; "
+        "--labels-only publishes only the labels config, without images (users join it to their own copy "
+        "by image_id). push model CKPT --repo ORG/NAME publishes a checkpoint (safetensors only) with its card. "
+        "The token comes from HF_TOKEN or `hf auth login`; it is never printed.",
+    )
+    push.add_argument("kind", choices=("dataset", "model"), help="what FOLDER is")
+    push.add_argument("folder", help="a built AffectNet+ folder, or a checkpoint folder")
+    push.add_argument("--repo", required=True, help="ORG/NAME on the Hub (created if missing)")
+    push.add_argument("--labels-only", action="store_true", help="dataset: only the labels config, no images")
+    push.add_argument("--public", action="store_true", help="make the repository public (default: private)")
+    push.add_argument("--ungated", action="store_true", help="dataset: no access approval (default: gated)")
+    push.set_defaults(func=_push)
 
     fetch = commands.add_parser(
         "fetch-models",

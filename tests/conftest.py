@@ -173,3 +173,6 @@ def launch_two_processes(script: str, *args: str, timeout: int = 600):
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+from tests.hub_server import fake_hub  # noqa: E402, F401  (a fixture for every test module)

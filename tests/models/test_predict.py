@@ -57,3 +57,18 @@ def test_cli_predict_and_bad_experts(experts, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no expert manifest"):
         resolve_manifest(str(tmp_path / "nowhere.json"))
     assert cli(["predict", str(path), "--experts", str(tmp_path / "missing" / "manifest.json")]) == 2
+
+
+def test_experts_from_a_hub_repository(experts, tmp_path, fake_hub):
+    from huggingface_hub import HfApi
+
+    from tests.hub_server import USER
+
+    repo = f"{USER}/affectnet-plus-experts"
+    HfApi().create_repo(repo, private=True)
+    HfApi().upload_folder(repo_id=repo, folder_path=str(experts.parent), ignore_patterns=["*/checkpoints/*"])
+    path = tmp_path / "face.jpg"
+    face_image(96, 96, seed=1).save(path)
+    remote = predict([path], repo, metadata=False, whole_image=True)
+    local = predict([path], str(experts), metadata=False, whole_image=True)
+    assert remote == local

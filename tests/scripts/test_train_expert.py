@@ -10,6 +10,7 @@ from transformers import AutoModelForImageClassification, pipeline
 from scripts.cli import main as cli
 from scripts.train_expert import main
 from tests.conftest import face_image, launch_two_processes
+from tests.hub_server import USER
 
 ROOT = Path(__file__).parents[2]
 FAST = ["--per-device-batch-size", "4", "--eval-batch-size", "16", "--num-workers", "0", "--warmup-ratio", "0"]
@@ -160,18 +161,13 @@ def test_gradient_accumulation_counts_optimizer_steps(built_sample, tmp_path):
     assert results["train_samples"] == 2 * 2 * 4  # steps x micro-batches x batch size
 
 
-def test_push_to_hub_uploads_the_checkpoint_once_and_private(built_sample, tmp_path, monkeypatch):
-    """The Hub calls themselves are replaced here; the full round trip needs a Hub server."""
-    import huggingface_hub
-
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id, kw)))
-    monkeypatch.setattr(
-        huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw["repo_id"], kw)) or "commit"
-    )
+def test_push_to_hub_round_trip_through_a_hub_server(built_sample, tmp_path, fake_hub):
     out = tmp_path / "pushed"
-    assert main(_args(built_sample, out, "--max-steps", "1", "--push-to-hub", "me/expert-happy-f0")) == 0
-    assert [c[:2] for c in calls] == [("create", "me/expert-happy-f0"), ("upload", "me/expert-happy-f0")]
-    assert calls[0][2]["private"] is True
-    upload = calls[1][2]
-    assert upload["folder_path"] == str(out) and "checkpoints/*" in upload["ignore_patterns"]
+    repo = f"{USER}/expert-happy-f0"
+    assert main(_args(built_sample, out, "--max-steps", "1", "--checkpointing-steps", "1", "--push-to-hub", repo)) == 0
+    assert fake_hub.repos[("model", repo)]["private"] is True
+    pushed = AutoModelForImageClassification.from_pretrained(repo)
+    local = AutoModelForImageClassification.from_pretrained(out)
+    for (name, a), (_, b) in zip(pushed.state_dict().items(), local.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert pipeline("image-classification", model=repo)(face_image(64, 64))[0]["label"] in ("happy", "not_happy")

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Reproduce the Hard-FER vs Soft-FER baselines of AffectNet+ (8 and 7 classes) with `accelerate launch`.
+#
+#   scripts/reproduce_baselines.sh DATASET_DIR OUTDIR
+#
+# Trains OUTDIR/{hard,soft}-{8,7} with scripts/train_fer.py, then writes OUTDIR/results.json and
+# OUTDIR/results.md (the table). `accelerate launch` uses your `accelerate config` (GPUs, nodes,
+# mixed precision); these environment variables override it or the training defaults:
+#   PRESET=tiny|base          architecture (default tiny; base is ViT-B/16 at 224 px)
+#   INIT_FROM=ID_OR_DIR       start from a pretrained ViT (e.g. google/vit-base-patch16-224-in21k)
+#   EPOCHS=N                  epochs per run (default 3)
+#   MAX_STEPS=N               optimizer steps per run (wins over EPOCHS)
+#   BATCH_SIZE=N              images per process and step (default 64)
+#   NUM_WORKERS=N             DataLoader workers (default 4)
+#   NUM_PROCESSES=N           processes per run (accelerate's --num_processes; default: your config)
+#   ACCELERATE_ARGS="..."     more `accelerate launch` options (e.g. "--multi_gpu --mixed_precision bf16")
+#   TRAIN_ARGS="..."          more train_fer.py options (e.g. "--learning-rate 5e-5")
+#   PYTHON=python             the interpreter that has affectnet-plus installed
+# A run whose folder already holds all_results.json is not trained again (delete it to redo it).
+#
+# On the bundled sample, on a CPU, in a few minutes:
+#   PRESET=tiny EPOCHS=2 NUM_WORKERS=0 scripts/reproduce_baselines.sh demo/affectnet_plus demo/baselines
+set -euo pipefail
+
+if [[ $# -ne 2 ]]; then
+    echo "usage: $0 DATASET_DIR OUTDIR" >&2
+    exit 2
+fi
+DATA=$1
+OUT=$2
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-python}
+if [[ ! -d $DATA ]]; then
+    echo "$0: error: $DATA is not a folder (a built AffectNet+ dataset with soft labels)" >&2
+    exit 2
+fi
+
+launch=("$PYTHON" -m accelerate.commands.launch)  # the same as `accelerate launch`, from $PYTHON's environment
+if [[ -n ${NUM_PROCESSES:-} ]]; then
+    launch+=(--num_processes "$NUM_PROCESSES")
+fi
+# shellcheck disable=SC2206  # word splitting of the user's option strings is intended
+launch+=(${ACCELERATE_ARGS:-})
+train=(--preset "${PRESET:-tiny}" --num-train-epochs "${EPOCHS:-3}" --per-device-batch-size "${BATCH_SIZE:-64}"
+       --num-workers "${NUM_WORKERS:-4}")
+if [[ -n ${INIT_FROM:-} ]]; then train+=(--init-from "$INIT_FROM"); fi
+if [[ -n ${MAX_STEPS:-} ]]; then train+=(--max-steps "$MAX_STEPS"); fi
+# shellcheck disable=SC2206
+train+=(${TRAIN_ARGS:-})
+
+runs=()
+for target in hard soft; do
+    for classes in 8 7; do
+        run="$OUT/$target-$classes"
+        runs+=("$run")
+        if [[ -f $run/all_results.json ]]; then
+            echo "== $target-$classes: already trained ($run)"
+            continue
+        fi
+        echo "== $target-$classes -> $run"
+        "${launch[@]}" "$ROOT/scripts/train_fer.py" --data "$DATA" --target "$target" --num-classes "$classes" \
+            --output-dir "$run" "${train[@]}"
+    done
+done
+"$PYTHON" "$ROOT/scripts/train_fer.py" --summarise "${runs[@]}" --output-dir "$OUT"

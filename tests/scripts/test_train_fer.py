@@ -1,0 +1,133 @@
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset
+from transformers import AutoModelForImageClassification, pipeline
+
+from affectnet_plus import EMOTIONS, AffectNetPlusConfig
+from builder.export import BuildOptions, build
+from models.fer import demographic_groups, write_results
+from scripts.train_fer import main
+from tests.conftest import face_image, launch_two_processes
+
+ROOT = Path(__file__).parents[2]
+FAST = ["--max-steps", "2", "--per-device-batch-size", "8", "--eval-batch-size", "32", "--num-workers", "0",
+        "--warmup-ratio", "0"]  # fmt: skip
+RUNS = [("hard", 8), ("soft", 8), ("hard", 7), ("soft", 7)]
+
+
+def validation_labels(data: Path) -> np.ndarray:
+    shards = sorted(str(p) for p in (data / "data" / "default").glob("validation-*.parquet"))
+    return np.asarray(Dataset.from_parquet(shards, columns=["human_label"])["human_label"])
+
+
+@pytest.fixture(scope="module")
+def soft_sample(built_sample, experts, tmp_path_factory):
+    """The bundled sample built with the tiny experts: soft labels and subsets."""
+    out = tmp_path_factory.mktemp("fer_data") / "affectnet_plus"
+    build(built_sample.parent / "raw", out, AffectNetPlusConfig(), BuildOptions(progress=False), experts=str(experts))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(soft_sample, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fer")
+    for target, classes in RUNS:
+        argv = ["--data", str(soft_sample), "--target", target, "--num-classes", str(classes), *FAST]
+        assert main([*argv, "--output-dir", str(root / f"{target}-{classes}")]) == 0
+    return root
+
+
+@pytest.mark.parametrize(("target", "classes"), RUNS)
+def test_checkpoint_loads_and_reports_the_metrics(runs, target, classes):
+    folder = runs / f"{target}-{classes}"
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    assert list(model.config.id2label.values()) == list(EMOTIONS[:classes])
+    assert model.config.num_labels == classes and ("contempt" in model.config.label2id) == (classes == 8)
+    predictions = pipeline("image-classification", model=str(folder), top_k=classes)(face_image(90, 90))
+    assert {p["label"] for p in predictions} == set(EMOTIONS[:classes])
+    assert sum(p["score"] for p in predictions) == pytest.approx(1, abs=1e-4)
+    results = json.loads((folder / "all_results.json").read_text())
+    assert results["target"] == target and results["num_classes"] == classes and results["step"] == 2
+    for key in ("top1_accuracy", "top2_accuracy", "macro_f1", "cohen_kappa", "ece", "kl_divergence", "js_divergence"):
+        assert np.isfinite(results[f"validation_{key}"]), key
+    assert results["validation_top2_accuracy"] >= results["validation_top1_accuracy"]
+    subsets = [k for k in results if k.startswith("validation_subset_") and k.endswith("_top1_accuracy")]
+    assert subsets and "validation_subset_top1_gap" in results
+    counts = sum(v for k, v in results.items() if k.startswith("validation_subset_") and k.endswith("_count"))
+    assert counts == results["validation_count"]  # every evaluated row is in one subset
+    card = (folder / "README.md").read_text()
+    assert ("Soft-FER" if target == "soft" else "Hard-FER") in card and "top1_accuracy" in card
+
+
+def test_seven_classes_leave_out_contempt_rows(runs, soft_sample):
+    eight = json.loads((runs / "hard-8" / "all_results.json").read_text())
+    seven = json.loads((runs / "hard-7" / "all_results.json").read_text())
+    validation = validation_labels(soft_sample)
+    assert eight["validation_count"] == int((validation < 8).sum())
+    assert seven["validation_count"] == int((validation < 7).sum()) < eight["validation_count"]
+    assert seven["train_rows"] < eight["train_rows"]
+
+
+def test_results_table(runs, tmp_path):
+    summary = write_results([runs / f"{t}-{c}" for t, c in RUNS], tmp_path)
+    assert list(summary) == ["hard-8", "soft-8", "hard-7", "soft-7"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| model | classes | top-1 | top-2 | macro-F1 | kappa | KL | JS | ECE | top-1 easy |" in table
+    assert table.count("| Hard-FER |") == 2 and table.count("| Soft-FER |") == 2
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["soft-7"]["num_classes"] == 7 and "top1_accuracy" in saved["soft-7"]
+
+
+def test_reproduce_script_summarises_finished_runs(runs, soft_sample, tmp_path):
+    # Training all four runs through `accelerate launch` does not fit the test budget: give the script
+    # finished runs (it skips them) and check that it writes the table with the same numbers.
+    for target, classes in RUNS:
+        shutil.copytree(runs / f"{target}-{classes}", tmp_path / f"{target}-{classes}")
+    env = {**os.environ, "PYTHON": str(Path(os.sys.executable))}
+    script = str(ROOT / "scripts" / "reproduce_baselines.sh")
+    done = subprocess.run([script, str(soft_sample), str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("already trained") == 4
+    assert json.loads((tmp_path / "results.json").read_text()) == write_results(
+        [tmp_path / f"{t}-{c}" for t, c in RUNS], tmp_path / "again"
+    )
+    assert subprocess.run([script], capture_output=True, text=True).returncode == 2
+
+
+def test_soft_target_without_soft_labels_is_a_clear_error(built_sample, tmp_path, capsys):
+    argv = ["--data", str(built_sample), "--target", "soft", "--output-dir", str(tmp_path / "soft"), *FAST]
+    assert main(argv) == 2
+    assert "no soft_label column" in capsys.readouterr().err
+    assert not (tmp_path / "soft").exists()
+
+
+def test_demographic_groups_from_metadata_columns():
+    rows = Dataset.from_dict({
+        "subset": [0, 2, -1],
+        "gender": [{"female": 0.8, "male": 0.2}, {"female": 0.1, "male": 0.9}, None],
+        "ethnicity": [{"white": 0.1, "asian": 0.9}, {"white": 0.6, "asian": 0.4}, {"white": 0.5, "asian": 0.5}],
+        "age": [12.0, 45.0, None],
+    })  # fmt: skip
+    assert demographic_groups(rows) == {
+        "subset": ["easy", "difficult", None],
+        "gender": ["female", "male", None],
+        "ethnicity": ["asian", "white", "white"],
+        "age": ["<20", "40-59", None],
+    }
+
+
+def test_accelerate_launch_with_two_cpu_processes(soft_sample, tmp_path):
+    out = tmp_path / "ddp"
+    args = ["--data", str(soft_sample), "--target", "soft", "--output-dir", str(out), *FAST]
+    result = launch_two_processes("scripts/train_fer.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2 and results["replica_checksums"][0] == results["replica_checksums"][1]
+    # the gathered evaluation saw every validation row once, padding dropped
+    assert results["validation_count"] == int((validation_labels(soft_sample) < 8).sum())
