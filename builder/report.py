@@ -2,7 +2,8 @@
 
 Plots (each only when the folder has the columns it needs): the mean soft label per human label
 (heatmap), the subset composition per emotion, the soft-label entropy per subset, example faces per
-subset, and the metadata distributions (age, gender, ethnicity, head pose). Written to
+subset, the metadata distributions (age, gender, ethnicity, head pose), and, given the baselines'
+runs, their confusion matrices and reliability diagrams. Written to
 ``OUT/report.md`` + ``OUT/*.png``.
 
 Example:
@@ -152,8 +153,63 @@ def metadata_distributions(columns: dict[str, list], out: Path) -> str | None:
     return _save(fig, out, "metadata.png")
 
 
-def write_report(folder, out) -> Path:
-    """Writes ``out/report.md`` and its plots for the built folder ``folder``; returns the page's path."""
+def _baseline_runs(baselines: Path) -> dict[str, dict]:
+    """``{run name: {"probs", "labels", "classes", "target"}}`` of the finished runs under ``baselines``."""
+    import json
+
+    runs = {}
+    for path in sorted(Path(baselines).glob("*/validation_predictions.npz")):
+        results = json.loads((path.parent / "all_results.json").read_text())
+        with np.load(path) as arrays:
+            runs[path.parent.name] = {"probs": arrays["probs"], "labels": arrays["labels"],
+                                      "classes": results["classes"], "target": results["target"]}  # fmt: skip
+    if not runs:
+        raise FileNotFoundError(f"no finished baseline run (*/validation_predictions.npz) under {baselines}")
+    return runs
+
+
+def confusion_matrices(runs: dict[str, dict], out: Path) -> str:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.2), squeeze=False)
+    for ax, (name, run) in zip(axes[0], runs.items()):
+        k = len(run["classes"])
+        matrix = np.zeros((k, k))
+        np.add.at(matrix, (run["labels"], run["probs"].argmax(1)), 1)
+        matrix /= np.maximum(matrix.sum(1, keepdims=True), 1)
+        ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(k), [c[:4] for c in run["classes"]], rotation=90, fontsize=7)
+        ax.set_yticks(range(k), [c[:4] for c in run["classes"]], fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("human label")
+        ax.set_title(f"{name} (top-1 {(run['probs'].argmax(1) == run['labels']).mean():.1%})", fontsize=9)
+    fig.suptitle("Confusion matrices on the validation split (rows normalised)", fontsize=9)
+    return _save(fig, out, "baselines_confusion.png")
+
+
+def reliability_diagrams(runs: dict[str, dict], out: Path, bins: int = 10) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    edges = np.linspace(0, 1, bins + 1)
+    for name, run in runs.items():
+        confidence, correct = run["probs"].max(1), run["probs"].argmax(1) == run["labels"]
+        which = np.clip(np.digitize(confidence, edges) - 1, 0, bins - 1)
+        filled = [b for b in range(bins) if (which == b).any()]
+        ax.plot([confidence[which == b].mean() for b in filled], [correct[which == b].mean() for b in filled],
+                marker="o", label=name)  # fmt: skip
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    ax.set_xlabel("confidence of the predicted class")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    ax.set_title("Reliability on the validation split", fontsize=9)
+    return _save(fig, out, "baselines_reliability.png")
+
+
+def write_report(folder, out, baselines=None) -> Path:
+    """Writes ``out/report.md`` and its plots for the built folder ``folder``; returns the page's path.
+
+    ``baselines``: the output folder of ``scripts/reproduce_baselines.sh`` (or of ``train_fer.py`` runs)
+    adds their confusion matrices and reliability diagrams.
+    """
     folder, out = Path(folder), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     columns = _columns(folder)
@@ -177,6 +233,11 @@ def write_report(folder, out) -> Path:
         ]  # fmt: skip
     else:
         sections += ["", "This folder has no soft labels: build it with `--experts` to see them here."]
+    if baselines:
+        runs = _baseline_runs(Path(baselines))
+        sections += ["", "## Baselines: Hard-FER vs Soft-FER", "",
+                     f"![confusion matrices]({confusion_matrices(runs, out)})", "",
+                     f"![reliability]({reliability_diagrams(runs, out)})"]  # fmt: skip
     metadata = metadata_distributions(columns, out)
     if metadata:
         sections += ["", "## Metadata", "", f"![metadata]({metadata})"]

@@ -126,9 +126,11 @@ class ValidationMetrics:
     def __init__(self, labels: np.ndarray, soft: np.ndarray | None, groups: dict[str, list]):
         self.labels, self.soft = labels, soft
         self.groups = {name: np.asarray(values, dtype=object) for name, values in groups.items()}
+        self.last: dict[str, np.ndarray] = {}  # the last evaluation's probabilities, for the report's plots
 
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> dict:
         rows = rows.cpu().numpy()
+        self.last = {"probs": logits.float().softmax(-1).cpu().numpy(), "labels": self.labels[rows]}
         return fer_metrics(
             logits,
             self.labels[rows],
@@ -206,6 +208,11 @@ def train_fer(config: FERConfig) -> dict:
     model, results = fit(accelerator, model, transform, train_loader, eval_loaders, loss_fn, evaluate_fn, train)
     results.update(target=config.target, num_classes=config.num_classes, classes=list(class_names(config.num_classes)))
     results.update(image_size=image_size, image_mean=list(mean), image_std=list(std), train_rows=int(len(rows)))
+    if evaluate_fn is not None and evaluate_fn.last and accelerator.is_main_process:
+        # Predictions on the validation split, so that `affectnet-plus report --baselines` can draw confusion
+        # matrices and reliability diagrams without running the models again.
+        Path(train.output_dir).mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(Path(train.output_dir) / "validation_predictions.npz", **evaluate_fn.last)
     save_checkpoint(accelerator, model, config, results, fer_card(config, results))
     return results
 

@@ -152,7 +152,7 @@ def _push(args) -> int:
 def _report(args) -> int:
     from builder.report import write_report
 
-    print(write_report(args.dataset, args.out))
+    print(write_report(args.dataset, args.out, args.baselines))
     return 0
 
 
@@ -363,6 +363,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("dataset", help="a built AffectNet+ folder")
     report.add_argument("--out", required=True, type=Path, help="folder of report.md and its plots")
+    report.add_argument("--baselines", type=Path, default=None,
+                        help="output folder of scripts/reproduce_baselines.sh: add confusion matrices and "
+                        "reliability diagrams of its runs")  # fmt: skip
     report.set_defaults(func=_report)
 
     push = commands.add_parser(

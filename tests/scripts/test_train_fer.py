@@ -131,3 +131,16 @@ def test_accelerate_launch_with_two_cpu_processes(soft_sample, tmp_path):
     assert results["num_processes"] == 2 and results["replica_checksums"][0] == results["replica_checksums"][1]
     # the gathered evaluation saw every validation row once, padding dropped
     assert results["validation_count"] == int((validation_labels(soft_sample) < 8).sum())
+
+
+def test_report_draws_the_baselines(runs, soft_sample, tmp_path):
+    from scripts.cli import main as cli
+
+    for target, classes in RUNS:
+        with np.load(runs / f"{target}-{classes}" / "validation_predictions.npz") as saved:
+            assert saved["probs"].shape == (len(saved["labels"]), classes)
+            np.testing.assert_allclose(saved["probs"].sum(1), 1, atol=1e-5)
+    assert cli(["report", str(soft_sample), "--out", str(tmp_path / "report"), "--baselines", str(runs)]) == 0
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "](baselines_confusion.png)" in page and "](baselines_reliability.png)" in page
+    assert cli(["report", str(soft_sample), "--out", str(tmp_path / "r2"), "--baselines", str(tmp_path)]) == 2
