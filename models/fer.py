@@ -331,17 +331,23 @@ def write_results(run_dirs, out) -> dict:
         entry = {"target": results.get("target"), "num_classes": results.get("num_classes"), "path": str(run_dir)}
         entry.update({k.removeprefix("validation_"): v for k, v in results.items() if k.startswith("validation_")})
         summary[run_dir.name] = entry
-    header = ["model", "classes", *(title for _, title in TABLE_METRICS), *(f"top-1 {s}" for s in SUBSETS)]
+    # The fairness columns: the largest top-1 gap between groups, for the demographics the data has.
+    gaps = [g for g in ("gender", "ethnicity", "age") if any(f"{g}_top1_gap" in e for e in summary.values())]
+    header = ["model", "classes", *(title for _, title in TABLE_METRICS), *(f"top-1 {s}" for s in SUBSETS),
+              *(f"{g} gap" for g in gaps)]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in summary.values():
         title = {"hard": "Hard-FER", "soft": "Soft-FER"}.get(entry["target"], str(entry["target"]))
         cells = [title, str(entry["num_classes"])]
         cells += [_cell(entry.get(key)) for key, _ in TABLE_METRICS]
         cells += [_cell(entry.get(f"subset_{s}_top1_accuracy")) for s in SUBSETS]
+        cells += [_cell(entry.get(f"{g}_top1_gap")) for g in gaps]
         lines.append("| " + " | ".join(cells) + " |")
     note = (
         "Validation split. Accuracies, macro-F1 and Cohen's kappa against the human label; KL(soft || predicted) "
-        "and JS divergence (nats) against the soft labels; ECE of the predicted class (15 bins)."
+        "and JS divergence (nats) against the soft labels; ECE of the predicted class (15 bins). A gap is the "
+        "largest difference in top-1 accuracy between two groups (gender and ethnicity: the most probable "
+        "class; age: <20, 20-39, 40-59, 60+); per-group figures are in results.json."
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
