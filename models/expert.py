@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from transformers import ViTConfig, ViTForImageClassification
 
 from affectnet_plus import EMOTIONS
+from builder.hub import PICKLE_SUFFIXES  # one list of the weight formats that unpickle
 from models.losses import balanced_cross_entropy
 from models.metrics import binary_metrics
 from models.training import TrainConfig, fit, make_accelerator, make_loader, make_train_loader
@@ -34,7 +35,6 @@ PRESETS = {
     "base": dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072),
 }  # fmt: skip
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def emotion_index(emotion: str) -> int:
