@@ -61,21 +61,23 @@ def expert_forwards(data: Path) -> int:
     return sum(len(s) * (8 if name == "train" else 16) for name, s in splits.items())
 
 
-def run_project(data: Path, manifest: Path, out: Path, args) -> float:
+def run_project(data: Path, manifest: Path, out: Path, args, precision: str = "auto") -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    counts = label(LabelConfig(str(data), str(manifest), str(out), args.batch_size, args.num_workers))
+    counts = label(LabelConfig(str(data), str(manifest), str(out), args.batch_size, args.num_workers,
+                               precision=precision))  # fmt: skip
     return sum(counts.values()) / (time.perf_counter() - start)
 
 
-def run_pipeline(data: Path, manifest: Path, args) -> float:
+def run_pipeline(data: Path, manifest: Path, args, dtype=None) -> float:
     from datasets import Image
     from transformers import pipeline
 
     start = time.perf_counter()
     splits = load_splits(data, columns=("image_id", "image", "human_label"))
     rows = 0
-    experts = {(e, f): pipeline("image-classification", model=str(manifest.parent / f"{e}-f{f}"), device=-1)
+    experts = {(e, f): pipeline("image-classification", model=str(manifest.parent / f"{e}-f{f}"), device=-1,
+                                dtype=dtype)
                for e in EMOTIONS for f in range(2)}  # fmt: skip
     for name, split in splits.items():
         split = split.cast_column("image", Image(decode=True))
@@ -116,21 +118,35 @@ def main(argv=None) -> int:
         print(json.dumps(results, indent=2))
         (args.out / "label-only.json").write_text(json.dumps(results, indent=2))
         return 0
-    project, baseline = [], []
+    import torch
+
+    from models.labeling import resolve_precision
+
+    # label() in float32 and in its default precision (bfloat16 where the CPU computes it), the pipeline
+    # as users call it (float32) and with its weights in bfloat16: every pair in one run, alternating.
+    runs = {
+        "project_fp32": lambda: run_project(data, manifest, args.out / "label-scores", args, "fp32"),
+        "project_auto": lambda: run_project(data, manifest, args.out / "label-scores", args, "auto"),
+        "pipeline_fp32": lambda: run_pipeline(data, manifest, args),
+        "pipeline_bf16": lambda: run_pipeline(data, manifest, args, torch.bfloat16),
+    }
+    timings = {name: [] for name in runs}
     for _ in range(args.repeats):
-        project.append(run_project(data, manifest, args.out / "label-scores", args))
-        baseline.append(run_pipeline(data, manifest, args))
+        for name, run in runs.items():
+            timings[name].append(run())
+    median = {name: round(statistics.median(v), 1) for name, v in timings.items()}
     results = {
         "rows": args.sample_size,
         "experts": "8 x 2 tiny",
         "batch_size": args.batch_size,
         "repeats": args.repeats,
-        "project_img_s": round(statistics.median(project), 1),
-        "pipeline_img_s": round(statistics.median(baseline), 1),
-        "all_project": [round(v, 1) for v in project],
-        "all_pipeline": [round(v, 1) for v in baseline],
+        "auto_precision": resolve_precision("cpu"),
+        "rows_per_s": median,
+        "all": {name: [round(x, 1) for x in v] for name, v in timings.items()},
+        "ratio_fp32_vs_pipeline": round(median["project_fp32"] / median["pipeline_fp32"], 2),
+        "ratio_auto_vs_pipeline": round(median["project_auto"] / median["pipeline_fp32"], 2),
+        "ratio_auto_vs_pipeline_bf16": round(median["project_auto"] / median["pipeline_bf16"], 2),
     }
-    results["ratio"] = round(results["project_img_s"] / results["pipeline_img_s"], 2)
     print(json.dumps(results, indent=2))
     (args.out / "label.json").write_text(json.dumps(results, indent=2))
     return 0

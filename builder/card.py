@@ -166,6 +166,8 @@ def _soft_label_section(features, report: dict) -> str:
                     [f"λ (expert weight){how}", fusion["expert_weight"]],
                     [f"T (temperature){how and ' (fitted with λ)'}", fusion["temperature"]],
                     ["rows without landmarks (experts only)", sum(fallback.values())],
+                    *([["expert inference precision", report["expert_precision"]]] if "expert_precision" in report
+                      else []),
                 ],
             )
             + "\n\n"

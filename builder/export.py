@@ -572,7 +572,13 @@ def build(
 
     report = _report(out, work, read, fingerprint)
     if experts:
+        import torch
+
+        from models.labeling import resolve_precision
+
         report["fusion"] = fusion_used
+        # label() runs on the default device, in the precision that device computes fast
+        report["expert_precision"] = resolve_precision("cuda" if torch.cuda.is_available() else "cpu")
     rejects = b"".join(p.read_bytes() for split in splits for p in sorted((work / "rejects").glob(f"{split}-*.jsonl")))
     _write_atomic(out / "rejects.jsonl", rejects, work)
     notes = b"".join(p.read_bytes() for split in splits for p in sorted((work / "notes").glob(f"{split}-*.jsonl")))

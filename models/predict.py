@@ -23,7 +23,7 @@ import torch
 from affectnet_plus import EMOTIONS, AffectNetPlusConfig
 from builder.au import au_scores
 from builder.softlabel import FusionConfig, fuse, normalise
-from models.labeling import load_ensemble, score_batch
+from models.labeling import autocast_for, load_ensemble, score_batch
 from models.transforms import BatchTransform, decode_image
 
 
@@ -87,7 +87,8 @@ def predict(
     scores = []
     for start in range(0, len(crops), batch_size):
         images = torch.stack([decode_image(c, ensemble.image_size) for c in crops[start : start + batch_size]])
-        scores.append(score_batch(ensemble, transform(images), None).numpy())
+        with autocast_for("cpu"):  # the build's precision, so a photo gets the scores its build would give
+            scores.append(score_batch(ensemble, transform(images), None).numpy())
     expert = np.concatenate(scores).astype(np.float64)
     points = [r.get("landmarks") for r in annotated]
     landmarks = np.stack([np.full((68, 2), np.nan) if p is None else np.asarray(p, np.float64) for p in points])

@@ -32,6 +32,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
     parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers decoding images")
     parser.add_argument("--shard-rows", type=int, default=8192, help="rows per output shard")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bfloat16 on GPUs and on CPUs with hardware bfloat16, float32 elsewhere")  # fmt: skip
     return parser
 
 
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         counts = label(
-            LabelConfig(args.data, args.experts, args.out, args.batch_size, args.num_workers, args.shard_rows)
+            LabelConfig(args.data, args.experts, args.out, args.batch_size, args.num_workers, args.shard_rows,
+                        args.precision)
         )
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"label: error: {err}", file=sys.stderr)

@@ -27,7 +27,7 @@ def _label(data, experts, out, *extra):
 
 def test_scores_are_cross_fitted(built_sample, experts, tmp_path):
     out = tmp_path / "scores"
-    assert _label(built_sample, experts, out) == 0
+    assert _label(built_sample, experts, out, "--precision", "fp32") == 0  # exact against float32 references
     splits = load_splits(built_sample)
     train = read_scores(out, "train")
     assert set(train) == set(splits["train"]["image_id"])
@@ -119,3 +119,12 @@ def test_an_expert_returning_nan_is_an_error_naming_it(built_sample, experts, tm
     assert "anger-f1" in err and "NaN" in err
     for shard in out.glob("*.parquet"):  # whatever was written before the error holds no NaN
         assert all(np.isfinite(v).all() for v in read_scores(out, shard.name.split("-")[0]).values())
+
+
+def test_bfloat16_scores_stay_close_to_float32(built_sample, experts, tmp_path):
+    assert _label(built_sample, experts, tmp_path / "fp32", "--precision", "fp32") == 0
+    assert _label(built_sample, experts, tmp_path / "bf16", "--precision", "bf16") == 0
+    exact, fast = read_scores(tmp_path / "fp32", "validation"), read_scores(tmp_path / "bf16", "validation")
+    assert exact.keys() == fast.keys()
+    difference = max(np.abs(exact[i] - fast[i]).max() for i in exact)
+    assert 0 < difference < 5e-3  # bfloat16 really ran, and moved the probabilities by about 1e-3 at most
