@@ -196,7 +196,7 @@ def _metadata_section(report: dict) -> str:
     if "valence_arousal" in annotators:
         text += "\n\n`valence` and `arousal` are estimates of that regressor for every row: the source has none."
     if nulls:
-        text += "\n\nValues left null (the model could not estimate them), by reason:\n\n"
+        text += "\n\nValues left null, by reason (`labelled_non_face`: rows the annotators called non-face get no face metadata):\n\n"
         text += _table(["column", "reason", "rows"], nulls)
     if notes["several_faces"]:
         text += f"\n\n{notes['several_faces']} images showed several faces; the largest was used."
