@@ -62,6 +62,7 @@ __all__ = [
     "central_box",
     "annotate_photo",
     "crop_to_photo",
+    "face_annotators",
     "face_crops",
     "default_annotators",
     "head_pose",
@@ -660,6 +661,13 @@ def default_annotators(crop_margin: float = DEFAULT_CROP_MARGIN) -> list[Annotat
     return [LandmarkAnnotator(crop_margin), HeadPoseAnnotator(), AgeGenderAnnotator(crop_margin)]
 
 
+def face_annotators(crop_margin: float = DEFAULT_CROP_MARGIN) -> list:
+    """Every face model a build, ``annotate`` and ``predict`` run: ``default_annotators`` plus GEAR ethnicity."""
+    from builder.gear import GearEthnicityAnnotator
+
+    return [*default_annotators(crop_margin), GearEthnicityAnnotator()]
+
+
 # --------------------------------------------------------------------------- running several
 
 
@@ -790,11 +798,9 @@ def annotate_photo(path, annotators: Sequence[Annotator] | None = None, config: 
         >>> faces[0]["box"], faces[0]["age"]  # doctest: +SKIP
         ([179.0, 83.0, 88.0, 88.0], 41.7)
     """
-    from builder.gear import GearEthnicityAnnotator
-
     config = config or AffectNetPlusConfig(source_format="imagefolder")
     if annotators is None:
-        annotators = [*default_annotators(config.crop_margin), GearEthnicityAnnotator()]
+        annotators = face_annotators(config.crop_margin)
     crops = face_crops(path, config, detector)
     results = run_annotators(annotators, [crop for _, crop in crops])
     faces = []

@@ -278,11 +278,10 @@ def metadata_annotators(columns, config: AffectNetPlusConfig, va_model: str | No
 
     AffectNet sources keep their own landmarks and valence/arousal; the release keeps everything.
     """
-    from builder.annotators import AgeGenderAnnotator, HeadPoseAnnotator, LandmarkAnnotator, ValenceArousalAnnotator
+    from builder.annotators import ValenceArousalAnnotator, face_annotators
     from builder.gear import GearEthnicityAnnotator, is_fetched
 
-    candidates = [LandmarkAnnotator(config.crop_margin), HeadPoseAnnotator(), AgeGenderAnnotator(config.crop_margin),
-                  GearEthnicityAnnotator()]  # fmt: skip
+    candidates = face_annotators(config.crop_margin)
     if va_model and not {"valence", "arousal"} <= set(columns):
         candidates.append(ValenceArousalAnnotator(va_model))
     needed = [a for a in candidates if not set(a.outputs) <= set(columns)]
@@ -299,7 +298,8 @@ def _annotate_rows(task) -> tuple[dict, list[dict]]:
     from builder.annotators import run_annotators
 
     shard, split, start, stop, annotators, batch_size = task
-    table = pq.read_table(shard).slice(start, stop - start)
+    wanted = [c for c in ("image_id", "image", "human_label", "landmarks") if c in pq.read_schema(shard).names]
+    table = pq.read_table(shard, columns=wanted).slice(start, stop - start)
     outputs = [c for a in annotators for c in a.outputs]
     # A row its annotators called non-face gets no face metadata: a model would invent some.
     human = table["human_label"].to_pylist() if "human_label" in table.column_names else [None] * table.num_rows

@@ -119,23 +119,19 @@ def make_processor(image_size: int, mean=HALF, std=HALF):
 
 
 @dataclass
-class ExpertConfig:
-    """One expert: which emotion and fold, which architecture, and how to train it.
+class ModelConfig:
+    """What every model the project trains takes: data, optimisation, and the ViT to build (``make_vit``).
 
     Args:
         data: a built AffectNet+ folder (``affectnet-plus build``) with ``train`` (and ``validation``).
-        emotion: the expert's emotion, one of ``EMOTIONS``.
-        fold, num_folds: the expert trains on train rows whose fold is not ``fold``.
-        preset, init_from, image_size: see ``make_expert``.
-        push_to_hub: a Hub repository to push the finished checkpoint to (main process only).
         train: the optimisation settings.
+        preset, init_from, image_size: see ``make_vit``.
+        push_to_hub: a Hub repository to push the finished checkpoint to (main process only).
+        augment: the on-device augmentation of training batches.
     """
 
     data: str
-    emotion: str
     train: TrainConfig
-    fold: int = 0
-    num_folds: int = 5
     preset: str = "tiny"
     init_from: str | None = None
     image_size: int | None = None
@@ -143,13 +139,30 @@ class ExpertConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+@dataclass(kw_only=True)
+class ExpertConfig(ModelConfig):
+    """One expert: ``ModelConfig`` plus its emotion and fold.
+
+    Args:
+        emotion: the expert's emotion, one of ``EMOTIONS``.
+        fold, num_folds: the expert trains on train rows whose fold is not ``fold``.
+    """
+
+    emotion: str
+    fold: int = 0
+    num_folds: int = 5
+
+    def __post_init__(self):
+        super().__post_init__()
         emotion_index(self.emotion)
         if self.num_folds < 2:
             raise ValueError(f"num_folds must be >= 2 (cross-fitting), got {self.num_folds}")
         if not 0 <= self.fold < self.num_folds:
             raise ValueError(f"fold must be in 0..{self.num_folds - 1}, got {self.fold}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
 
 
 def _expert_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:

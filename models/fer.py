@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +31,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from affectnet_plus import EMOTIONS, SUBSETS
 from models.cards import _table, dataset_license
-from models.expert import PRESETS, _flat, _processor_stats, make_vit, save_checkpoint
+from models.expert import ModelConfig, _flat, _processor_stats, make_vit, save_checkpoint
 from models.losses import soft_cross_entropy
 from models.metrics import age_bucket, fer_metrics
-from models.training import TrainConfig, fit, make_accelerator, make_loader, make_train_loader
-from models.transforms import AugmentConfig, BatchTransform
+from models.training import fit, make_accelerator, make_loader, make_train_loader
+from models.transforms import BatchTransform
 
 TARGETS = ("hard", "soft")
 NUM_CLASSES = (8, 7)
@@ -54,25 +54,17 @@ def class_names(num_classes: int) -> tuple[str, ...]:
 
 
 @dataclass
-class FERConfig:
-    """One FER baseline: data, target (``hard``/``soft``), classes (8/7), architecture and optimisation."""
+class FERConfig(ModelConfig):
+    """One FER baseline: ``ModelConfig`` plus the target (``hard``/``soft``) and the classes (8/7)."""
 
-    data: str
-    train: TrainConfig
     target: str = "hard"
     num_classes: int = 8
-    preset: str = "tiny"
-    init_from: str | None = None
-    image_size: int | None = None
-    push_to_hub: str | None = None
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         class_names(self.num_classes)
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
 
 
 def make_classifier(num_classes: int = 8, preset: str = "tiny", init_from: str | None = None, image_size=None):

@@ -58,15 +58,14 @@ def predict(
     ``gender``, ``ethnicity`` and the reasons of any that are missing. ``whole_image`` takes each photo
     as one face crop (no detection); without it a photo with no face has an empty list.
     """
-    from builder.annotators import crop_to_photo, default_annotators, face_crops, run_annotators
-    from builder.gear import GearEthnicityAnnotator
+    from builder.annotators import crop_to_photo, face_annotators, face_crops, run_annotators
     from builder.images import Rejected
 
     fusion = fusion or FusionConfig()
     config = AffectNetPlusConfig(source_format="imagefolder")
     ensemble = load_ensemble(resolve_manifest(experts))
     transform = BatchTransform(ensemble.image_size, ensemble.mean, ensemble.std).eval()
-    annotators = [*default_annotators(config.crop_margin), GearEthnicityAnnotator()] if metadata else []
+    annotators = face_annotators(config.crop_margin) if metadata else []
     report: dict[str, list[dict] | dict] = {}
     faces, crops = [], []
     for photo in map(str, photos):

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,29 +23,17 @@ from accelerate.utils import set_seed
 from huggingface_hub import ModelCard, ModelCardData
 
 from models.cards import _table, dataset_license
-from models.expert import PRESETS, _flat, _processor_stats, make_vit, save_checkpoint
+from models.expert import ModelConfig, _flat, _processor_stats, make_vit, save_checkpoint
 from models.metrics import valence_arousal_metrics
-from models.training import TrainConfig, fit, make_accelerator, make_loader, make_train_loader
-from models.transforms import AugmentConfig, BatchTransform
+from models.training import fit, make_accelerator, make_loader, make_train_loader
+from models.transforms import BatchTransform
 
 VA_LABELS = {0: "valence", 1: "arousal"}
 
 
 @dataclass
-class RegressorConfig:
+class RegressorConfig(ModelConfig):
     """The valence/arousal regressor: data, architecture (as the experts') and optimisation settings."""
-
-    data: str
-    train: TrainConfig
-    preset: str = "tiny"
-    init_from: str | None = None
-    image_size: int | None = None
-    push_to_hub: str | None = None
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
 
 
 def make_regressor(preset: str = "tiny", init_from: str | None = None, image_size: int | None = None):

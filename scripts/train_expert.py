@@ -63,6 +63,18 @@ def train_config(args: argparse.Namespace, output_dir) -> TrainConfig:
     )
 
 
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where one trained checkpoint goes: ``--output-dir`` and ``--push-to-hub``."""
+    parser.add_argument("--output-dir", required=True, type=Path, help="checkpoint folder")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the checkpoint to this Hub repo")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The ``models.expert.ModelConfig`` fields that the shared arguments set."""
+    return dict(data=args.data, preset=args.preset, init_from=args.init_from, image_size=args.image_size,
+                push_to_hub=args.push_to_hub, train=train_config(args, args.output_dir))  # fmt: skip
+
+
 def add_expert_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--num-folds", type=int, default=5, help="cross-fitting folds K (fold = sha1(image_id) mod K)")
@@ -89,8 +101,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--emotion", required=True, choices=EMOTIONS, help="the expert's emotion")
     parser.add_argument("--fold", type=int, default=0, help="the fold this expert never sees")
     add_expert_arguments(parser)
-    parser.add_argument("--output-dir", required=True, type=Path, help="checkpoint folder")
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the checkpoint to this Hub repo")
+    add_output_arguments(parser)
     add_training_arguments(parser)
     return parser
 
@@ -98,17 +109,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        config = ExpertConfig(
-            data=args.data,
-            emotion=args.emotion,
-            fold=args.fold,
-            num_folds=args.num_folds,
-            preset=args.preset,
-            init_from=args.init_from,
-            image_size=args.image_size,
-            push_to_hub=args.push_to_hub,
-            train=train_config(args, args.output_dir),
-        )
+        config = ExpertConfig(emotion=args.emotion, fold=args.fold, num_folds=args.num_folds, **model_options(args))
         train_expert(config)
     except (ValueError, FileNotFoundError) as err:
         print(f"train_expert: error: {err}", file=sys.stderr)

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a file by `accelerate launch scripts/tra
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.fer import NUM_CLASSES, TARGETS, FERConfig, train_fer, write_results  # noqa: E402
-from scripts.train_expert import add_model_arguments, add_training_arguments, train_config  # noqa: E402
+from scripts.train_expert import add_model_arguments, add_output_arguments, add_training_arguments, model_options  # noqa: E402
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -34,10 +34,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("--target", choices=TARGETS, default="hard", help="hard: human_label; soft: soft_label")
     parser.add_argument("--num-classes", type=int, choices=NUM_CLASSES, default=8, help="7 drops contempt")
-    parser.add_argument(
-        "--output-dir", required=True, type=Path, help="checkpoint folder (results folder with --summarise)"
-    )
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the checkpoint to this Hub repo")
+    add_output_arguments(parser)
     parser.add_argument("--summarise", nargs="+", type=Path, metavar="RUN_DIR", default=None,
                         help="do not train: write the results table of these finished runs to --output-dir")  # fmt: skip
     add_training_arguments(parser)
@@ -54,17 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             write_results(args.summarise, args.output_dir)
             print((args.output_dir / "results.md").read_text())
             return 0
-        config = FERConfig(
-            data=args.data,
-            target=args.target,
-            num_classes=args.num_classes,
-            preset=args.preset,
-            init_from=args.init_from,
-            image_size=args.image_size,
-            push_to_hub=args.push_to_hub,
-            train=train_config(args, args.output_dir),
-        )
-        results = train_fer(config)
+        results = train_fer(FERConfig(target=args.target, num_classes=args.num_classes, **model_options(args)))
     except (ValueError, FileNotFoundError) as err:
         print(f"train_fer: error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a file by `accelerate launch scripts/tra
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.valence_arousal import RegressorConfig, train_regressor  # noqa: E402
-from scripts.train_expert import add_model_arguments, add_training_arguments, train_config  # noqa: E402
+from scripts.train_expert import add_model_arguments, add_output_arguments, add_training_arguments, model_options  # noqa: E402
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -30,8 +30,7 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(parser)
-    parser.add_argument("--output-dir", required=True, type=Path, help="checkpoint folder")
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the checkpoint to this Hub repo")
+    add_output_arguments(parser)
     add_training_arguments(parser)
     return parser
 
@@ -39,15 +38,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        config = RegressorConfig(
-            data=args.data,
-            preset=args.preset,
-            init_from=args.init_from,
-            image_size=args.image_size,
-            push_to_hub=args.push_to_hub,
-            train=train_config(args, args.output_dir),
-        )
-        results = train_regressor(config)
+        results = train_regressor(RegressorConfig(**model_options(args)))
     except (ValueError, FileNotFoundError) as err:
         print(f"train_va: error: {err}", file=sys.stderr)
         return 2
