@@ -28,8 +28,8 @@ install-test: $(BIN)/python
 	$(FACE_MODELS)
 
 # The whole chain on the bundled sample: render, build a stage folder, train 8 x 2 tiny experts on it,
-# build AffectNet+ with their soft labels and the estimated metadata, compare with the sample's truth,
-# load it with load_dataset.
+# build AffectNet+ with their soft labels (λ, T and the AU calibration fitted on the labels) and the
+# estimated metadata, compare with the sample's truth, load it with load_dataset.
 demo: install
 	rm -rf demo
 	$(BIN)/affectnet-plus sample demo/raw --n $(DEMO_N) --seed 0 --grid demo/sample_grid.png --quiet
@@ -37,7 +37,7 @@ demo: install
 	$(BIN)/affectnet-plus train-experts --data demo/stage --num-folds 2 --preset tiny --output-dir demo/experts \
 		--num-train-epochs 10 --learning-rate 1e-3 --num-workers 0
 	$(BIN)/affectnet-plus build demo/raw --format affectnet --experts demo/experts/manifest.json \
-		--out demo/affectnet_plus --num-proc 2 --fit-fusion
+		--out demo/affectnet_plus --num-proc 2 --fit-fusion --calibrate-au
 	$(BIN)/affectnet-plus truth demo/affectnet_plus --ground-truth demo/raw/ground_truth.jsonl --json demo/truth.json
 	cd demo && ../$(BIN)/affectnet-plus show affectnet_plus
 

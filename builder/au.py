@@ -4,10 +4,11 @@ Each face's iBUG-68 landmarks are frontalised against a neutral reference, the 3
 ``builder.face3d.MEAN_FACE_68``: an affine camera fitted on the points that expressions barely move
 (eye corners, nose bridge, the upper jaw line) explains pose and scale, and what it leaves is the
 expression, mapped back into the face's plane (``frontalise``; this undoes roll and, to first order,
-the foreshortening of yaw and pitch: on 200 rendered faces with yaw up to 30° and pitch up to 20°, the
-right emotion ranks first for 85%, against 58% with a 2-D similarity alignment). Every distance below is in units of the reference's
-inter-ocular distance (between the eye centres), and every AU intensity is its geometric change from
-the reference divided by a full-scale value, clipped to [0, 1]. The geometric proxies:
+the foreshortening of yaw and pitch: on 200 rendered faces with yaw up to 30° and pitch up to 20°,
+the right emotion ranks first for 85%, against 58% with a 2-D similarity alignment). Every distance
+below is in units of the reference's inter-ocular distance (between the eye centres), and every AU
+intensity is its geometric change from the reference divided by a full-scale value, clipped to
+[0, 1]. The geometric proxies:
 
 ========  ======================  =================================================================
 AU        name                    proxy (points in iBUG-68 numbering)
@@ -29,6 +30,11 @@ AU25      lips part               inner lips 62 and 66 apart
 AU26      jaw drop                chin 8 further below the nose tip 33
 ========  ======================  =================================================================
 
+Landmark noise is the AU component's enemy: a few pixels on two points is as large as a weak action
+unit. Two things fight it. The pose is fitted on 15 points, so their noise averages out, and a
+``ShapeModel`` (a PCA of the build's own frontalised faces) projects each face on its main modes of
+variation before anything is measured.
+
 Emotion scores follow EMFACS prototypes (DESIGN §5.4): happy 6+12; sad 1+4+15; surprise 1+2+5+26;
 fear 1+2+4+5+20+26; disgust 9+15; anger 4+5+7+23; contempt the *unilateral* 12/14 (the difference
 between the two lip corners' rise); neutral 1 - max_j u_j. A score is the mean intensity of its
@@ -38,7 +44,9 @@ The full-scale values are calibrated so that a full-intensity prototype of the b
 model gives intensity ~1, except contempt's, which is set above that (0.15) because the asymmetry of
 two noisy points is mostly annotation noise below it (on a 2,000-face sample, seed 1, with the
 sample's landmark noise: argmax agreement 49.5% at 0.10, 52.5% at 0.15); another landmark detector
-may warrant others (``AUConfig``).
+may warrant others (``AUConfig``). ``AUCalibration`` can replace the fixed prototype weighting by a
+logistic regression on the intensities and scores, fitted on the annotators' labels and cross-fitted
+like the experts; ``AUModel`` holds what a build fitted.
 
 Example:
     >>> import numpy as np
@@ -59,8 +67,9 @@ from builder.face3d import MEAN_FACE_68
 from builder.softlabel import normalise
 
 AUS = ("AU1", "AU2", "AU4", "AU5", "AU6/7", "AU9", "AU12", "AU14", "AU15", "AU20", "AU23", "AU25", "AU26")
-# Points that expressions barely move (the nose wings and tip do: disgust): the pose is fitted on these.
-STABLE_POINTS = np.array([0, 1, 15, 16, 27, 28, 36, 39, 42, 45])
+# Points that expressions barely move (the nose wings and tip do: disgust; the lower jaw does: jaw drop):
+# the pose is fitted on these. Every point more averages the landmark noise out of the pose.
+STABLE_POINTS = np.array([0, 1, 2, 3, 13, 14, 15, 16, 27, 28, 29, 36, 39, 42, 45])
 PROTOTYPES = {
     "happy": ("AU6/7", "AU12"),
     "sad": ("AU1", "AU4", "AU15"),
@@ -146,14 +155,20 @@ def _measures(points: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def au_intensities(landmarks: np.ndarray, config: AUConfig | None = None) -> np.ndarray:
+def _frontal(landmarks: np.ndarray, shape_model: ShapeModel | None) -> np.ndarray:
+    points = frontalise(np.asarray(landmarks, dtype=np.float64))
+    return points if shape_model is None else shape_model.denoise(points)
+
+
+def au_intensities(landmarks: np.ndarray, config: AUConfig | None = None,
+                   shape_model: ShapeModel | None = None) -> np.ndarray:  # fmt: skip
     """(N, 68, 2) landmarks in any pixel frame -> (N, 13) AU intensities in [0, 1], in ``AUS`` order.
 
-    Rows whose landmarks are missing (NaN) come out NaN.
+    With a ``shape_model`` the frontalised landmarks are denoised first. Rows whose landmarks are
+    missing (NaN) come out NaN.
     """
     scale = (config or AUConfig()).full_scale
-    landmarks = np.asarray(landmarks, dtype=np.float64)
-    m = _measures(frontalise(landmarks))
+    m = _measures(_frontal(landmarks, shape_model))
     r = {k: v[0] for k, v in _measures(reference_landmarks()[None]).items()}
     d = {k: m[k] - r[k] for k in m}
     rise = np.minimum(d["corner_rise_right"], d["corner_rise_left"])
@@ -176,13 +191,22 @@ def au_intensities(landmarks: np.ndarray, config: AUConfig | None = None) -> np.
     return np.clip(np.stack([raw[name] / scale[name] for name in AUS], -1), 0.0, 1.0)
 
 
-def au_scores(landmarks: np.ndarray, config: AUConfig | None = None) -> np.ndarray:
+def au_scores(landmarks: np.ndarray, config: AUConfig | None = None,
+              shape_model: ShapeModel | None = None) -> np.ndarray:  # fmt: skip
     """(N, 68, 2) landmarks -> (N, 8) EMFACS emotion scores, each row summing to 1 (NaN rows stay NaN)."""
+    return au_features(landmarks, config, shape_model)[:, len(AUS) :]
+
+
+def au_features(landmarks: np.ndarray, config: AUConfig | None = None,
+                shape_model: ShapeModel | None = None) -> np.ndarray:  # fmt: skip
+    """(N, 68, 2) landmarks -> (N, 21): the 13 AU intensities, then the 8 EMFACS scores (``au_scores``).
+
+    The input of ``AUCalibration``.
+    """
     config = config or AUConfig()
-    landmarks = np.asarray(landmarks, dtype=np.float64)
-    u = au_intensities(landmarks, config)
+    u = au_intensities(landmarks, config, shape_model)
     column = {name: u[:, i] for i, name in enumerate(AUS)}
-    m = _measures(frontalise(landmarks))
+    m = _measures(_frontal(landmarks, shape_model))
     asymmetry = np.abs(m["corner_rise_right"] - m["corner_rise_left"]) / config.full_scale["contempt"]
     scores = np.zeros((len(u), len(EMOTIONS)))
     scores[:, 0] = 1 - u.max(1)
@@ -190,4 +214,206 @@ def au_scores(landmarks: np.ndarray, config: AUConfig | None = None) -> np.ndarr
         scores[:, EMOTIONS.index(emotion)] = np.mean([column[name] for name in units], axis=0)
     scores[:, EMOTIONS.index("contempt")] = np.clip(asymmetry, 0, 1)
     # All-zero only when a saturated AU belongs to no prototype (AU14, AU25): no evidence, uniform.
-    return normalise(scores)
+    return np.concatenate([u, normalise(scores)], 1)
+
+
+@dataclass
+class ShapeModel:
+    """A point distribution model of frontalised faces: their mean and main modes of variation.
+
+    Landmark annotations and detectors are noisy, and a few pixels of noise on two points is as large
+    as a weak action unit. Faces vary in far fewer directions than 136 (identity, a handful of
+    expressions, what frontalisation leaves of the pose), so projecting a face onto the main modes
+    keeps the expression and drops most of the noise. The model is fitted on the landmarks of the
+    dataset being labelled (no labels are used). ``DEFAULT_COMPONENTS``: with the bundled sample's
+    landmark noise (1 % of the face size), the EMFACS argmax agrees with the true dominant emotion
+    for 65.7 % of a 1,536-face sample (seed 1) with 24 modes, 58.3 % without the model; 20 to 32
+    modes all give 65-67 %.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> faces = reference_landmarks()[None] * 100 + rng.normal(0, 1, (500, 68, 2))
+        >>> model = ShapeModel.fit(faces, components=4)
+        >>> model.denoise(frontalise(faces)).shape
+        (500, 68, 2)
+    """
+
+    mean: np.ndarray  # (136,)
+    modes: np.ndarray  # (components, 136), orthonormal rows
+    rows: int = 0
+    variance_kept: float = 1.0
+
+    @classmethod
+    def fit(cls, landmarks: np.ndarray, components: int = 24) -> ShapeModel:
+        """PCA of the frontalised (N, 68, 2) ``landmarks`` (NaN rows are skipped)."""
+        return cls.from_moments(*shape_moments(landmarks), components)
+
+    @classmethod
+    def from_moments(cls, count: int, total: np.ndarray, outer: np.ndarray, components: int = 24) -> ShapeModel:
+        """From ``shape_moments`` summed over batches: the whole dataset never has to be in memory."""
+        if not 1 <= components < 2 * NUM_POINTS:
+            raise ValueError(f"components must be in 1..{2 * NUM_POINTS - 1}, got {components}")
+        if count <= components:
+            raise ValueError(f"a shape model with {components} modes needs more than {components} faces, got {count}")
+        mean = total / count
+        covariance = outer / count - np.outer(mean, mean)
+        values, vectors = np.linalg.eigh(covariance)
+        order = np.argsort(values)[::-1]
+        kept = float(values[order[:components]].sum() / values.sum())
+        return cls(mean, vectors[:, order[:components]].T.copy(), rows=int(count), variance_kept=round(kept, 4))
+
+    def denoise(self, frontal: np.ndarray) -> np.ndarray:
+        """(N, 68, 2) frontalised faces -> their projection onto the model's modes."""
+        x = frontal.reshape(len(frontal), -1) - self.mean
+        return (self.mean + (x @ self.modes.T) @ self.modes).reshape(frontal.shape)
+
+    def to_json(self) -> dict:
+        return {"mean": self.mean.tolist(), "modes": self.modes.tolist(), "rows": self.rows,
+                "variance_kept": self.variance_kept}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict) -> ShapeModel:
+        return cls(np.asarray(data["mean"]), np.asarray(data["modes"]), data["rows"], data["variance_kept"])
+
+
+NUM_POINTS = 68
+DEFAULT_COMPONENTS = 24
+
+
+def shape_moments(landmarks: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, sum, sum of outer products) of the frontalised faces, NaN rows skipped (``ShapeModel``)."""
+    points = frontalise(np.asarray(landmarks, dtype=np.float64)).reshape(len(landmarks), -1)
+    points = points[np.isfinite(points).all(1)]
+    return len(points), points.sum(0), points.T @ points
+
+
+@dataclass
+class AUCalibration:
+    """AU features -> emotion probabilities: a multinomial logistic regression per cross-fitting fold.
+
+    The EMFACS prototypes say which action units make an emotion but not how much each counts, how
+    landmark noise blurs them, or how often each emotion occurs. This learns that from the annotators'
+    labels, the way the experts learn from pixels: the fold-j model never sees fold j, so a train row
+    is scored by the model of its own fold (one its label did not train) and every other row by the
+    mean over folds. Features are the 21 columns of ``au_features``, standardised; L2 on the weights.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.normal(size=(400, 21)); y = (x[:, 0] > 0).astype(int)
+        >>> model = AUCalibration.fit(x, y, folds=np.arange(400) % 2, num_folds=2)
+        >>> model.predict(x[:3], folds=np.array([-1, -1, -1])).shape  # -1: not a train row
+        (3, 8)
+    """
+
+    weights: np.ndarray  # (num_folds, features + 1, 8); the last row is the bias
+    feature_mean: np.ndarray
+    feature_std: np.ndarray
+    l2: float = 0.01
+    rows: int = 0
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, folds: np.ndarray, num_folds: int,
+            l2: float = 0.01) -> AUCalibration:  # fmt: skip
+        """One model per fold j on the rows outside fold j (labels 0-7, finite features only)."""
+        import torch  # the fit only; scoring is numpy
+
+        keep = np.isfinite(features).all(1) & (labels >= 0) & (labels < len(EMOTIONS))
+        features, labels, folds = features[keep], labels[keep], folds[keep]
+        mean, std = features.mean(0), features.std(0) + 1e-6
+        x = torch.as_tensor(np.concatenate([(features - mean) / std, np.ones((len(features), 1))], 1))
+        y = torch.as_tensor(labels, dtype=torch.long)
+        weights = []
+        for fold in range(num_folds):
+            train = torch.as_tensor(folds != fold)
+            if not train.any():
+                raise ValueError(f"no labelled rows with landmarks outside fold {fold}: cannot calibrate the AU scores")
+            weights.append(_fit_logistic(x[train], y[train], l2))
+        return cls(np.stack(weights), mean, std, l2, int(len(labels)))
+
+    def predict(self, features: np.ndarray, folds: np.ndarray) -> np.ndarray:
+        """(N, 21) features and each row's fold (-1 for rows no model trained on) -> (N, 8) probabilities.
+
+        NaN rows stay NaN.
+        """
+        x = np.concatenate([(features - self.feature_mean) / self.feature_std, np.ones((len(features), 1))], 1)
+        logits = np.einsum("nf,jfk->njk", np.nan_to_num(x), self.weights)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)  # (N, folds, 8)
+        folds = np.asarray(folds)
+        own = np.take_along_axis(probs, np.clip(folds, 0, None)[:, None, None], 1)[:, 0]
+        result = np.where((folds >= 0)[:, None], own, probs.mean(1))
+        return np.where(np.isfinite(features).all(1, keepdims=True), result, np.nan)
+
+    def to_json(self) -> dict:
+        return {"weights": self.weights.tolist(), "feature_mean": self.feature_mean.tolist(),
+                "feature_std": self.feature_std.tolist(), "l2": self.l2, "rows": self.rows}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict) -> AUCalibration:
+        return cls(np.asarray(data["weights"]), np.asarray(data["feature_mean"]), np.asarray(data["feature_std"]),
+                   data["l2"], data["rows"])  # fmt: skip
+
+
+def _fit_logistic(x, y, l2: float) -> np.ndarray:
+    """Weights (features + bias, 8) of an L2-penalised multinomial logistic regression (bias unpenalised)."""
+    import torch
+
+    w = torch.zeros(x.shape[1], len(EMOTIONS), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        value = torch.nn.functional.cross_entropy(x @ w, y) + l2 * (w[:-1] ** 2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return w.detach().numpy()
+
+
+@dataclass
+class AUModel:
+    """The AU component a build fitted (a shape model and a calibration, each optional), as saved in
+    its ``au_model.json``; ``info`` is what the card says about them.
+
+    Example:
+        >>> import json
+        >>> model = AUModel.from_json(json.load(open("affectnet_plus/au_model.json")))  # doctest: +SKIP
+        >>> model.scores(landmarks, ids, split="unlabeled")  # (N, 8); new faces: the mean over folds  # doctest: +SKIP
+    """
+
+    shape: ShapeModel | None = None
+    calibration: AUCalibration | None = None
+    num_folds: int = 1
+    info: dict = field(default_factory=dict)
+
+    def scores(self, landmarks: np.ndarray, ids: list[str], split: str) -> np.ndarray:
+        """(N, 68, 2) landmarks (NaN rows: none) -> (N, 8) AU component; train rows are cross-fitted."""
+        features = au_features(landmarks, shape_model=self.shape)
+        if self.calibration is None:
+            return features[:, len(AUS) :]
+        from models.data import folds  # the experts' fold rule
+
+        row_folds = folds(ids, self.num_folds) if split == "train" else np.full(len(ids), -1)
+        return self.calibration.predict(features, row_folds)
+
+    def to_json(self) -> dict:
+        return {
+            "shape": self.shape and self.shape.to_json(),
+            "calibration": self.calibration and self.calibration.to_json(),
+            "num_folds": self.num_folds,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> AUModel:
+        if not isinstance(data, dict) or not {"shape", "calibration", "num_folds"} <= set(data):
+            raise ValueError("not an AU model file (a build's au_model.json)")
+        return cls(
+            data["shape"] and ShapeModel.from_json(data["shape"]),
+            data["calibration"] and AUCalibration.from_json(data["calibration"]),
+            int(data["num_folds"]),
+            data.get("info", {}),
+        )

@@ -151,11 +151,27 @@ def _soft_label_section(features, report: dict) -> str:
             [[name, *(report["configs"].get(name, {}).get(s, 0) for s in report["splits"])] for name in SUBSETS],
         )
         fallback = report.get("soft_labels_without_landmarks", {})
+        au_model = fusion.get("au_model", {})
+        shape, calibration = au_model.get("shape_model"), au_model.get("calibration")
+        if shape and shape["components"]:
+            shape_text = (f"{shape['components']} modes fitted on {shape['faces']} faces "
+                          f"({shape['variance_kept']:.1%} of their variance)")  # fmt: skip
+        else:
+            shape_text = shape["skipped"] if shape else "off"
+        au_text = (
+            f"multinomial logistic regression on the 13 AU intensities and 8 EMFACS scores, fitted on "
+            f"{calibration['rows']} train rows' annotator labels, one model per fold ({calibration['num_folds']}), "
+            f"L2 {calibration['l2']}"
+            if calibration
+            else "normalised EMFACS scores"
+        )
         return (
             "Soft labels were computed by this build (DESIGN §5 of affectnet-plus, a reimplementation: the "
             "paper's exact recipe is not public): s = normalise((λ p̂ + (1 - λ) â) ^ (1 / T)), where p̂ are the "
             "cross-fitted scores of the 8 one-vs-rest ViT experts (a train row is scored by the experts that "
-            "never saw its fold) and â the EMFACS scores of action units measured on the landmarks. The human "
+            "never saw its fold) and â the AU component: action units measured on the landmarks (frontalised, "
+            "then denoised by a shape model of the build's faces), scored by their EMFACS prototypes or, where "
+            "calibrated, mapped to emotion probabilities by a model cross-fitted like the experts. The human "
             "label never enters a row's s. Subsets: r = rank of s_h in s; easy if r = 1 and s_h >= "
             f"{fusion['easy_min_confidence']}; difficult if r >= {fusion['difficult_min_rank']} or s_h < "
             f"{fusion['difficult_max_confidence']}; challenging otherwise; -1 for human labels 8-10.\n\n"
@@ -165,6 +181,8 @@ def _soft_label_section(features, report: dict) -> str:
                     ["experts", f"`{experts['manifest']}` (sha256 {experts['manifest_sha256']})"],
                     [f"λ (expert weight){how}", fusion["expert_weight"]],
                     [f"T (temperature){how and ' (fitted with λ)'}", fusion["temperature"]],
+                    ["landmark shape model (denoising)", shape_text],
+                    ["AU component", au_text],
                     ["rows without landmarks (experts only)", sum(fallback.values())],
                     *([["expert inference precision", report["expert_precision"]]] if "expert_precision" in report
                       else []),

@@ -43,13 +43,22 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from affectnet_plus import HUMAN_LABELS, SUBSETS, AffectNetPlusConfig, labels_features, select_features
-from builder.au import au_scores
+from builder.au import AUCalibration, AUModel, ShapeModel, au_features, shape_moments
 from builder.card import render_card
 from builder.images import Rejected
-from builder.softlabel import FusionConfig, fit_fusion, fuse, normalise, subsets, validate
+from builder.softlabel import (
+    SHAPE_ROWS_PER_COMPONENT,
+    FusionConfig,
+    fit_fusion,
+    fuse,
+    normalise,
+    subsets,
+    validate,
+)
 from builder.sources import Record, Rejection, deduplicated, make_example, open_source
 
 WORK_DIR = ".build"
+AU_MODEL_FILE = "au_model.json"  # the fitted AU component (builder.au.AUModel), for predict --au-model
 SOFT_LABEL_COLUMNS = ("soft_label", "subset", "expert_scores", "au_scores")
 LABELS_CONFIG = "labels"
 
@@ -387,25 +396,74 @@ def _arrow_column(features, name: str, values: list) -> pa.Array:
     return pa.array(encoded, type=single.arrow_schema.field(name).type)
 
 
-def _shard_inputs(shard: Path, scores: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """image ids, expert scores, AU scores (NaN rows where landmarks are missing) and human labels."""
-    table = pq.read_table(shard, columns=[c for c in ("image_id", "landmarks", "human_label")
-                                          if c in pq.read_schema(shard).names])  # fmt: skip
+def _landmark_table(shard: Path) -> tuple[list[str], np.ndarray | None, np.ndarray]:
+    """image ids, (N, 68, 2) landmarks with NaN where missing (None without the column), human labels."""
+    names = pq.read_schema(shard).names
+    table = pq.read_table(shard, columns=[c for c in ("image_id", "landmarks", "human_label") if c in names])
     ids = table["image_id"].to_pylist()
+    points = None
+    if "landmarks" in table.column_names and ids:
+        points = np.stack([np.full((68, 2), np.nan) if p is None else np.asarray(p, dtype=np.float64)
+                           for p in table["landmarks"].to_pylist()])  # fmt: skip
+    human = np.asarray(table["human_label"].to_pylist(), dtype=np.float64)
+    return ids, points, np.where(np.isnan(human), -1, human).astype(np.int64)
+
+
+def _shard_inputs(shard: Path, split: str, scores: dict, au_model: AUModel):
+    """image ids, expert scores, AU scores (NaN rows where landmarks are missing) and human labels."""
+    ids, points, human = _landmark_table(shard)
     missing = [i for i in ids if i not in scores]
     if missing:
         raise RuntimeError(f"no expert scores for {len(missing)} rows of {shard.name} (e.g. {missing[0]})")
     expert = np.stack([scores[i] for i in ids]).astype(np.float64) if ids else np.zeros((0, 8))
-    if "landmarks" in table.column_names and ids:
-        points = [np.full((68, 2), np.nan) if p is None else np.asarray(p) for p in table["landmarks"].to_pylist()]
-        au = au_scores(np.stack(points))
-    else:
-        au = np.full((len(ids), 8), np.nan)
-    human = np.asarray(table["human_label"].to_pylist(), dtype=np.float64)
-    return ids, expert, au, np.where(np.isnan(human), -1, human).astype(np.int64)
+    au = au_model.scores(points, ids, split) if points is not None else np.full((len(ids), 8), np.nan)
+    return ids, expert, au, human
 
 
-def _fit_fusion(out: Path, work: Path, splits: list[str], scores_dir: Path, fusion: FusionConfig) -> dict:
+def _fit_au(out: Path, work: Path, splits: list[str], fusion: FusionConfig, num_folds: int) -> AUModel:
+    """Fits the shape model on every face of the build (no labels) and, with ``fusion.calibrate_au``,
+    the AU calibration on the train rows. Kept in ``OUT/au_model.json``: a resumed build reuses it, and
+    ``predict --au-model`` scores new photos with it."""
+    saved = out / AU_MODEL_FILE
+    if saved.is_file():
+        return AUModel.from_json(json.loads(saved.read_text()))
+    info, shape, calibration = {}, None, None
+    faces = []
+    for split in splits:
+        for shard in _default_shards(out, split):
+            _, points, human = _landmark_table(shard)
+            if points is not None:
+                faces.append(shape_moments(points[human != HUMAN_LABELS.index("non_face")]))
+    count = sum(f[0] for f in faces)
+    wanted = fusion.shape_components
+    if wanted and count >= SHAPE_ROWS_PER_COMPONENT * wanted:
+        shape = ShapeModel.from_moments(count, sum(f[1] for f in faces), sum(f[2] for f in faces), wanted)
+        info["shape_model"] = {"components": wanted, "faces": count, "variance_kept": shape.variance_kept}
+    elif wanted:
+        info["shape_model"] = {"components": 0, "faces": count, "skipped": (
+            f"{count} faces, fewer than {SHAPE_ROWS_PER_COMPONENT} per mode: landmarks used as they are")}
+    if fusion.calibrate_au:
+        from models.data import folds
+
+        features, labels, ids = [], [], []
+        for shard in _default_shards(out, "train") if "train" in splits else []:
+            shard_ids, points, human = _landmark_table(shard)
+            if points is not None:
+                features.append(au_features(points, shape_model=shape))
+                labels.append(human)
+                ids += shard_ids
+        if not features or not ((np.concatenate(labels) >= 0) & (np.concatenate(labels) < 8)).any():
+            raise ValueError("--calibrate-au needs train rows with landmarks and a human label 0-7; there are none")
+        calibration = AUCalibration.fit(np.concatenate(features), np.concatenate(labels), folds(ids, num_folds),
+                                        num_folds, fusion.au_l2)  # fmt: skip
+        info["calibration"] = {"rows": calibration.rows, "num_folds": num_folds, "l2": fusion.au_l2}
+    model = AUModel(shape, calibration, num_folds, info)
+    _write_atomic(saved, json.dumps(model.to_json()), work)
+    return model
+
+
+def _fit_fusion(out: Path, work: Path, splits: list[str], scores_dir: Path, fusion: FusionConfig,
+                au_model: AUModel) -> dict:  # fmt: skip
     """Fits λ and T on the labelled rows (not the unlabeled split: its labels are automatic) once,
     and keeps the result in ``.build/fusion.json`` so that a resumed build fuses with the same."""
     from models.labeling import read_scores
@@ -419,7 +477,7 @@ def _fit_fusion(out: Path, work: Path, splits: list[str], scores_dir: Path, fusi
             continue
         scores = read_scores(scores_dir, split)
         for shard in _default_shards(out, split):
-            _, e, a, h = _shard_inputs(shard, scores)
+            _, e, a, h = _shard_inputs(shard, split, scores, au_model)
             expert.append(e), au.append(a), human.append(h)
     if not expert:
         raise ValueError("--fit-fusion needs labelled rows (train or validation); this build has none")
@@ -443,14 +501,16 @@ def add_soft_labels(out: Path, work: Path, splits: list[str], experts: str, fusi
     if not (scores_dir / "DONE").is_file():
         label(LabelConfig(str(out), experts, str(scores_dir), num_workers=min(4, options.num_proc)))
         (scores_dir / "DONE").write_text("")
-    used = _fit_fusion(out, work, splits, scores_dir, fusion) if fusion.fit else asdict(fusion)
+    num_folds = int(json.loads(Path(experts).read_text())["num_folds"])
+    au_model = _fit_au(out, work, splits, fusion, num_folds)
+    used = _fit_fusion(out, work, splits, scores_dir, fusion, au_model) if fusion.fit else asdict(fusion)
     fusion = FusionConfig(**{k: v for k, v in used.items() if k != "fitted_on"})
     for split in splits:
         scores = read_scores(scores_dir, split)
         for shard in _default_shards(out, split):
             if "soft_label" in pq.read_schema(shard).names:
                 continue
-            _, expert, au, human = _shard_inputs(shard, scores)
+            _, expert, au, human = _shard_inputs(shard, split, scores, au_model)
             soft = fuse(expert, au, fusion)
             validate(soft)
             table = pq.read_table(shard)
@@ -471,7 +531,7 @@ def add_soft_labels(out: Path, work: Path, splits: list[str], experts: str, fusi
                 table = table.append_column(name, array)
             table = table.select(list(features))
             _write_parquet_atomic(shard, features, None, work, table=table)
-    return used
+    return {**used, "au_model": au_model.info}
 
 
 def build(

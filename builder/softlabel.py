@@ -29,6 +29,8 @@ import numpy as np
 from affectnet_plus import EMOTIONS
 
 NUM_EMOTIONS = len(EMOTIONS)
+# A shape model is only fitted on at least this many faces per mode (a PCA of few faces learns their noise).
+SHAPE_ROWS_PER_COMPONENT = 10
 
 
 @dataclass
@@ -42,6 +44,13 @@ class FusionConfig:
         difficult_max_confidence: s_h below this is difficult whatever its rank.
         difficult_min_rank: rank of s_h (1 = largest) from which a row is difficult.
         fit: choose λ and T by ``fit_fusion`` on the labelled rows instead of using the two above.
+        shape_components: modes of the ``builder.au.ShapeModel`` that denoises the landmarks before
+            the AU component (0: none). The model is fitted on the build's own faces and needs at
+            least ``SHAPE_ROWS_PER_COMPONENT`` faces per mode; with fewer the landmarks are used as they are.
+        calibrate_au: map the AU features to emotion probabilities with ``builder.au.AUCalibration``,
+            fitted on the train rows' annotator labels with the experts' folds, instead of the
+            normalised EMFACS scores.
+        au_l2: the calibration's L2 penalty on its (standardised) weights.
     """
 
     expert_weight: float = 0.5
@@ -50,6 +59,9 @@ class FusionConfig:
     difficult_max_confidence: float = 0.15
     difficult_min_rank: int = 3
     fit: bool = False
+    shape_components: int = 24
+    calibrate_au: bool = False
+    au_l2: float = 0.01
 
     def __post_init__(self):
         if not 0 <= self.expert_weight <= 1:
@@ -60,6 +72,10 @@ class FusionConfig:
             raise ValueError("need 0 <= difficult_max_confidence < easy_min_confidence <= 1")
         if not 2 <= self.difficult_min_rank <= NUM_EMOTIONS:
             raise ValueError(f"difficult_min_rank must be in 2..{NUM_EMOTIONS}, got {self.difficult_min_rank}")
+        if not 0 <= self.shape_components < 136:
+            raise ValueError(f"shape_components must be in 0..135, got {self.shape_components}")
+        if self.au_l2 < 0:
+            raise ValueError(f"au_l2 must be >= 0, got {self.au_l2}")
 
 
 def normalise(scores: np.ndarray) -> np.ndarray:

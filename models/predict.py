@@ -15,13 +15,14 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from affectnet_plus import EMOTIONS, AffectNetPlusConfig
-from builder.au import au_scores
+from builder.au import AUModel, au_scores
 from builder.softlabel import FusionConfig, fuse, normalise
 from models.labeling import autocast_for, load_ensemble, score_batch
 from models.transforms import BatchTransform, decode_image
@@ -50,18 +51,22 @@ def predict(
     metadata: bool = True,
     whole_image: bool = False,
     batch_size: int = 64,
+    au_model: str | None = None,
 ) -> dict[str, list[dict] | dict]:
     """``{photo: [face, ...]}``, faces largest first, or ``{photo: {"error": reason, "detail": ...}}``.
 
     A face is ``{"box", "soft_label": {emotion: p}, "top": [[emotion, p] x 3], "expert_scores",
     "au_scores"}`` plus, with ``metadata``, ``landmarks`` (photo pixels), ``head_pose``, ``age``,
     ``gender``, ``ethnicity`` and the reasons of any that are missing. ``whole_image`` takes each photo
-    as one face crop (no detection); without it a photo with no face has an empty list.
+    as one face crop (no detection); without it a photo with no face has an empty list. ``au_model``
+    is a build's ``au_model.json``: its shape model and AU calibration score the faces as that build
+    scored its rows (a new face is in no fold: the mean over folds); without it, the EMFACS scores.
     """
     from builder.annotators import crop_to_photo, face_annotators, face_crops, run_annotators
     from builder.images import Rejected
 
     fusion = fusion or FusionConfig()
+    fitted_au = AUModel.from_json(json.loads(Path(au_model).read_text())) if au_model else None
     config = AffectNetPlusConfig(source_format="imagefolder")
     ensemble = load_ensemble(resolve_manifest(experts))
     transform = BatchTransform(ensemble.image_size, ensemble.mean, ensemble.std).eval()
@@ -91,7 +96,7 @@ def predict(
     expert = np.concatenate(scores).astype(np.float64)
     points = [r.get("landmarks") for r in annotated]
     landmarks = np.stack([np.full((68, 2), np.nan) if p is None else np.asarray(p, np.float64) for p in points])
-    au = au_scores(landmarks)
+    au = fitted_au.scores(landmarks, [""] * len(landmarks), "new") if fitted_au else au_scores(landmarks)
     soft = fuse(expert, au, fusion)
     margin = 0.0 if whole_image else config.crop_margin
     for i, ((face, box), result) in enumerate(zip(faces, annotated)):

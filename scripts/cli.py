@@ -46,7 +46,10 @@ def _build(args) -> int:
     )
     from builder.softlabel import FusionConfig
 
-    fusion = FusionConfig(expert_weight=args.expert_weight, temperature=args.temperature, fit=args.fit_fusion)
+    fusion = FusionConfig(
+        expert_weight=args.expert_weight, temperature=args.temperature, fit=args.fit_fusion,
+        shape_components=args.shape_components, calibrate_au=args.calibrate_au,
+    )  # fmt: skip
     report = build(
         args.source, args.out, config, options, experts=args.experts, fusion=fusion, recompute=args.recompute,
         metadata=args.metadata, va_model=args.va_model,
@@ -115,7 +118,7 @@ def _predict(args) -> int:
 
     fusion = FusionConfig(expert_weight=args.expert_weight, temperature=args.temperature)
     report = predict(args.photos, args.experts, fusion, metadata=args.metadata, whole_image=args.whole_image,
-                     batch_size=args.batch_size)  # fmt: skip
+                     batch_size=args.batch_size, au_model=args.au_model)  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -275,6 +278,13 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--fit-fusion", action="store_true",
                        help="choose λ and T instead: the pair under which the annotators' labels are most likely, "
                        "on the labelled rows' out-of-fold scores (recorded in the card)")  # fmt: skip
+    build.add_argument("--calibrate-au", action="store_true",
+                       help="map the AU features to emotion probabilities with a logistic regression fitted on the "
+                       "train rows' labels, cross-fitted with the experts' folds, instead of the plain EMFACS "
+                       "prototype scores (recorded in the card)")  # fmt: skip
+    build.add_argument("--shape-components", type=int, default=24, metavar="K",
+                       help="denoise the landmarks with a K-mode shape model of the build's faces before measuring "
+                       "action units (0: off; skipped with fewer than 10 faces per mode)")  # fmt: skip
     build.add_argument("--recompute", action="store_true",
                        help="with --experts on the AffectNet+ release: replace its soft labels and subsets")  # fmt: skip
     build.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=True,
@@ -347,6 +357,9 @@ def make_parser() -> argparse.ArgumentParser:
                          help="experts/manifest.json, a folder holding one, or a Hub repo id holding one")  # fmt: skip
     predict.add_argument("--expert-weight", type=float, default=0.5, help="λ: weight of the experts against the AUs")
     predict.add_argument("--temperature", type=float, default=1.0, help="T: < 1 sharpens the soft labels")
+    predict.add_argument("--au-model", default=None, metavar="JSON",
+                         help="a build's au_model.json: score the AUs with its shape model and calibration, as that "
+                         "build did (default: the EMFACS scores)")  # fmt: skip
     predict.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=True,
                          help="also estimate landmarks, head pose, age, gender, ethnicity")  # fmt: skip
     predict.add_argument("--whole-image", action="store_true", help="each photo is one face crop: no detection")

@@ -2,7 +2,19 @@ import numpy as np
 import pytest
 
 from affectnet_plus import EMOTIONS
-from builder.au import AUS, AUConfig, au_intensities, au_scores, frontalise, reference_landmarks
+from builder.au import (
+    AUS,
+    AUCalibration,
+    AUConfig,
+    AUModel,
+    ShapeModel,
+    au_features,
+    au_intensities,
+    au_scores,
+    frontalise,
+    reference_landmarks,
+    shape_moments,
+)
 from builder.face3d import MEAN_FACE_68
 from builder.sample import expression_displacements, render_face, rotation_matrix
 
@@ -78,3 +90,80 @@ def test_missing_landmarks_stay_missing_and_config_is_checked():
     with pytest.raises(ValueError, match="lacks"):
         AUConfig(full_scale={"AU1": 0.1})
     assert rotation_matrix(0, 0, 0).shape == (3, 3)
+
+
+def _expression_faces(rng, n, noise_px):
+    """n frontal faces mixing the sample's expression shapes at random, in 224 px crops: (clean, noisy)."""
+    weights = rng.dirichlet(np.full(8, 0.5), n) * rng.uniform(0.5, 1.2, (n, 1))
+    shapes = MEAN_FACE_68[None] + np.einsum("nk,kpd->npd", weights, expression_displacements())
+    clean = shapes[..., :2] * 150 + 112
+    return clean, clean + rng.normal(0, noise_px, clean.shape)
+
+
+def test_shape_model_removes_landmark_noise():
+    clean, noisy = _expression_faces(np.random.default_rng(0), 1000, 1.5)
+    model = ShapeModel.fit(noisy, components=12)
+    before = np.abs(frontalise(noisy) - frontalise(clean)).mean()
+    after = np.abs(model.denoise(frontalise(noisy)) - frontalise(clean)).mean()
+    assert after < 0.6 * before, (before, after)
+    assert 0 < model.variance_kept < 1 and model.rows == 1000
+    # Moments summed over batches (how the build fits it) give the same model; NaN rows are skipped.
+    with_gap = np.concatenate([noisy[:400], np.full((3, 68, 2), np.nan), noisy[400:]])
+    parts = [shape_moments(with_gap[:401]), shape_moments(with_gap[401:])]
+    merged = ShapeModel.from_moments(sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts), 12)
+    np.testing.assert_allclose(merged.modes.T @ merged.modes, model.modes.T @ model.modes, atol=1e-8)
+    again = ShapeModel.from_json(model.to_json())
+    np.testing.assert_allclose(again.denoise(frontalise(noisy[:5])), model.denoise(frontalise(noisy[:5])))
+    assert np.isnan(au_scores(np.full((1, 68, 2), np.nan), shape_model=model)).all()
+    with pytest.raises(ValueError, match="components"):
+        ShapeModel.fit(noisy, components=0)
+    with pytest.raises(ValueError, match="needs more than 12 faces"):
+        ShapeModel.fit(noisy[:10], components=12)
+
+
+def test_au_features_are_intensities_then_emfacs_scores():
+    faces = _prototypes()
+    features = au_features(faces)
+    np.testing.assert_allclose(features[:, : len(AUS)], au_intensities(faces))
+    np.testing.assert_allclose(features[:, len(AUS) :], au_scores(faces))
+
+
+def test_calibration_is_cross_fitted():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(2000, 21))
+    labels = (3 * features[:, :8] + rng.gumbel(size=(2000, 8))).argmax(1)  # noisy labels of a linear truth
+    row_folds = np.arange(2000) % 2
+    model = AUCalibration.fit(features, labels, row_folds, num_folds=2)
+    probs = model.predict(features, row_folds)
+    np.testing.assert_allclose(probs.sum(1), 1)
+    truth = features[:, :8].argmax(1)
+    assert (probs.argmax(1) == truth).mean() > (labels == truth).mean() + 0.05  # it denoises the labels
+    # A train row's own label never enters its score: row 0 (fold 0) is scored by the model that left fold 0 out.
+    relabelled = labels.copy()
+    relabelled[0] = (labels[0] + 1) % 8
+    other = AUCalibration.fit(features, relabelled, row_folds, num_folds=2)
+    np.testing.assert_allclose(other.predict(features[:1], row_folds[:1]), probs[:1])
+    assert not np.allclose(other.predict(features[1:2], row_folds[1:2]), probs[1:2])  # fold 1's model saw row 0
+    # Rows no model trained on (validation, unlabeled: fold -1) get the mean over folds.
+    mean = model.predict(features[:5], np.full(5, -1))
+    by_fold = [model.predict(features[:5], np.full(5, j)) for j in (0, 1)]
+    np.testing.assert_allclose(mean, (by_fold[0] + by_fold[1]) / 2)
+    np.testing.assert_allclose(AUCalibration.from_json(model.to_json()).predict(features, row_folds), probs)
+    assert np.isnan(model.predict(np.full((1, 21), np.nan), np.array([0]))).all()
+    with pytest.raises(ValueError, match="outside fold 0"):
+        AUCalibration.fit(features, labels, np.zeros(2000, dtype=int), num_folds=1)
+
+
+def test_au_model_file_round_trip():
+    clean, noisy = _expression_faces(np.random.default_rng(2), 300, 1.0)
+    features = au_features(noisy)
+    labels = au_scores(clean).argmax(1)
+    model = AUModel(ShapeModel.fit(noisy, 8), AUCalibration.fit(features, labels, np.arange(300) % 2, 2), 2, {"a": 1})
+    again = AUModel.from_json(model.to_json())
+    ids = [f"Manually_Annotated_Images/1/{i}" for i in range(300)]
+    for split in ("train", "validation"):
+        np.testing.assert_allclose(again.scores(noisy, ids, split), model.scores(noisy, ids, split))
+    plain = AUModel()
+    np.testing.assert_allclose(plain.scores(noisy, ids, "train"), au_scores(noisy))
+    with pytest.raises(ValueError, match="not an AU model"):
+        AUModel.from_json({"weights": []})

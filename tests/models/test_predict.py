@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from affectnet_plus import EMOTIONS
+from builder.au import AUCalibration, AUModel
 from builder.softlabel import FusionConfig
 from models.predict import predict, resolve_manifest
 from scripts.cli import main as cli
@@ -29,6 +30,16 @@ def test_predict_gives_soft_labels_and_metadata_per_face(experts, tmp_path, need
     assert np.asarray(face["landmarks"]).shape == (68, 2) and 0 <= face["age"] <= 100
     assert set(face["head_pose"]) == {"yaw", "pitch", "roll"} and len(face["ethnicity"]) == 5
     assert report[str(blank)] == [] and report[str(broken)]["error"] in ("not_an_image", "unreadable_file")
+    # With a build's fitted AU model the AU scores are that model's (a new face: the mean over folds).
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, 21))
+    calibration = AUCalibration.fit(features, rng.integers(0, 8, 200), np.arange(200) % 2, num_folds=2)
+    model = AUModel(calibration=calibration, num_folds=2)
+    (tmp_path / "au_model.json").write_text(json.dumps(model.to_json()))
+    (fitted,) = predict([HOPPER], str(experts), au_model=str(tmp_path / "au_model.json"))[str(HOPPER)]
+    expected = model.scores(np.asarray(fitted["landmarks"])[None], [""], "new")[0]
+    np.testing.assert_allclose(fitted["au_scores"], expected, atol=2e-3)
+    assert not np.allclose(fitted["au_scores"], face["au_scores"], atol=1e-2)
 
 
 def test_without_metadata_the_experts_alone_make_the_soft_label(experts, tmp_path):
