@@ -217,6 +217,10 @@ def au_features(landmarks: np.ndarray, config: AUConfig | None = None,
     return np.concatenate([u, normalise(scores)], 1)
 
 
+NUM_POINTS = 68
+DEFAULT_COMPONENTS = 24  # FusionConfig.shape_components' default
+
+
 @dataclass
 class ShapeModel:
     """A point distribution model of frontalised faces: their mean and main modes of variation.
@@ -225,7 +229,7 @@ class ShapeModel:
     as a weak action unit. Faces vary in far fewer directions than 136 (identity, a handful of
     expressions, what frontalisation leaves of the pose), so projecting a face onto the main modes
     keeps the expression and drops most of the noise. The model is fitted on the landmarks of the
-    dataset being labelled (no labels are used). ``DEFAULT_COMPONENTS``: with the bundled sample's
+    dataset being labelled (no labels are used). ``DEFAULT_COMPONENTS`` (24): with the bundled sample's
     landmark noise (1 % of the face size), the EMFACS argmax agrees with the true dominant emotion
     for 65.7 % of a 1,536-face sample (seed 1) with 24 modes, 58.3 % without the model; 20 to 32
     modes all give 65-67 %.
@@ -245,12 +249,13 @@ class ShapeModel:
     variance_kept: float = 1.0
 
     @classmethod
-    def fit(cls, landmarks: np.ndarray, components: int = 24) -> ShapeModel:
+    def fit(cls, landmarks: np.ndarray, components: int = DEFAULT_COMPONENTS) -> ShapeModel:
         """PCA of the frontalised (N, 68, 2) ``landmarks`` (NaN rows are skipped)."""
         return cls.from_moments(*shape_moments(landmarks), components)
 
     @classmethod
-    def from_moments(cls, count: int, total: np.ndarray, outer: np.ndarray, components: int = 24) -> ShapeModel:
+    def from_moments(cls, count: int, total: np.ndarray, outer: np.ndarray,
+                     components: int = DEFAULT_COMPONENTS) -> ShapeModel:  # fmt: skip
         """From ``shape_moments`` summed over batches: the whole dataset never has to be in memory."""
         if not 1 <= components < 2 * NUM_POINTS:
             raise ValueError(f"components must be in 1..{2 * NUM_POINTS - 1}, got {components}")
@@ -277,13 +282,12 @@ class ShapeModel:
         return cls(np.asarray(data["mean"]), np.asarray(data["modes"]), data["rows"], data["variance_kept"])
 
 
-NUM_POINTS = 68
-DEFAULT_COMPONENTS = 24
-
-
 def shape_moments(landmarks: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """(count, sum, sum of outer products) of the frontalised faces, NaN rows skipped (``ShapeModel``)."""
-    points = frontalise(np.asarray(landmarks, dtype=np.float64)).reshape(len(landmarks), -1)
+    size = 2 * NUM_POINTS
+    if len(landmarks) == 0:
+        return 0, np.zeros(size), np.zeros((size, size))
+    points = frontalise(np.asarray(landmarks, dtype=np.float64)).reshape(len(landmarks), size)
     points = points[np.isfinite(points).all(1)]
     return len(points), points.sum(0), points.T @ points
 

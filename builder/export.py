@@ -146,7 +146,7 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> Path:
         # derived files left in place would be taken for finished work).
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(out / "data", ignore_errors=True)
-        for name in ("README.md", "rejects.jsonl", "build_report.json"):
+        for name in ("README.md", "rejects.jsonl", "build_report.json", AU_MODEL_FILE):
             (out / name).unlink(missing_ok=True)
     elif out.exists() and any(p.name != WORK_DIR for p in out.iterdir()):
         raise FileExistsError(f"{out} exists and is not an AffectNet+ build; choose another --out or pass --overwrite")
