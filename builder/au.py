@@ -167,8 +167,10 @@ def au_intensities(landmarks: np.ndarray, config: AUConfig | None = None,
     With a ``shape_model`` the frontalised landmarks are denoised first. Rows whose landmarks are
     missing (NaN) come out NaN.
     """
-    scale = (config or AUConfig()).full_scale
-    m = _measures(_frontal(landmarks, shape_model))
+    return _intensities(_measures(_frontal(landmarks, shape_model)), (config or AUConfig()).full_scale)
+
+
+def _intensities(m: dict[str, np.ndarray], scale: dict[str, float]) -> np.ndarray:
     r = {k: v[0] for k, v in _measures(reference_landmarks()[None]).items()}
     d = {k: m[k] - r[k] for k in m}
     rise = np.minimum(d["corner_rise_right"], d["corner_rise_left"])
@@ -204,9 +206,9 @@ def au_features(landmarks: np.ndarray, config: AUConfig | None = None,
     The input of ``AUCalibration``.
     """
     config = config or AUConfig()
-    u = au_intensities(landmarks, config, shape_model)
+    m = _measures(_frontal(landmarks, shape_model))  # frontalised once for intensities and contempt
+    u = _intensities(m, config.full_scale)
     column = {name: u[:, i] for i, name in enumerate(AUS)}
-    m = _measures(_frontal(landmarks, shape_model))
     asymmetry = np.abs(m["corner_rise_right"] - m["corner_rise_left"]) / config.full_scale["contempt"]
     scores = np.zeros((len(u), len(EMOTIONS)))
     scores[:, 0] = 1 - u.max(1)
