@@ -78,7 +78,7 @@ COLUMN_DESCRIPTIONS = {
     "gender": "probabilities of female / male",
     "ethnicity": "probabilities over the ethnicity model's classes",
     "expert_scores": "normalised scores of the 8 one-vs-rest ViT experts (input of the fusion)",
-    "au_scores": "normalised EMFACS scores from landmark-based action units (input of the fusion)",
+    "au_scores": "the AU component: EMFACS scores of landmark-based action units, or their cross-fitted calibration (input of the fusion)",
 }
 
 
