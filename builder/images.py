@@ -82,24 +82,6 @@ def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def detect_face(path, max_image_pixels: int = 90_000_000) -> tuple[tuple[float, float, float, float], int]:
-    """The largest face's box ``(x, y, w, h)`` in the displayed (EXIF-rotated) image, and how many faces
-    there are; ``Rejected`` (``no_face``, ``too_small``, ``blank_image`` or a decoding reason) without one.
-
-    Example:
-        >>> box, faces = detect_face("photo.jpg")  # doctest: +SKIP
-    """
-    from builder.annotators import FaceDetector
-
-    image = _open(path, max_image_pixels)
-    with image:
-        _load(image, path)
-        found = FaceDetector().find(ImageOps.exif_transpose(image).convert("RGB"))
-    if found.largest is None:
-        raise Rejected(found.reason or "no_face", str(path))
-    return found.largest.as_tuple(), found.count
-
-
 def crop_face(
     path,
     face_box: tuple[float, float, float, float] | None,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from affectnet_plus import EMOTIONS, SUBSETS
+from core.schema import EMOTIONS, SUBSETS
 
 PLOT_SPLITS = ("train", "validation")  # the unlabeled split's labels are automatic: kept out of the plots
 

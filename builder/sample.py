@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from affectnet_plus import EMOTIONS, HUMAN_LABELS
 from builder.face3d import MEAN_FACE_68
 from builder.softlabel import FusionConfig, subsets
 from builder.sources import AFFECTNET_COLUMNS, AFFECTNET_VA_SENTINEL
+from core.schema import EMOTIONS, HUMAN_LABELS
 
 __all__ = [
     "EMOTION_PRIOR",

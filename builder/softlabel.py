@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from affectnet_plus import EMOTIONS
+from core.schema import EMOTIONS
 
 NUM_EMOTIONS = len(EMOTIONS)
 # A shape model is only fitted on at least this many faces per mode (a PCA of few faces learns their noise).
@@ -86,17 +86,17 @@ def normalise(scores: np.ndarray) -> np.ndarray:
     return np.where(total > 0, scores / np.where(total > 0, total, 1), uniform)
 
 
-def fuse(expert_scores: np.ndarray | None, au_scores: np.ndarray | None, config: FusionConfig) -> np.ndarray:
+def fuse(expert_probs: np.ndarray | None, au_scores: np.ndarray | None, config: FusionConfig) -> np.ndarray:
     """(N, 8) expert probabilities f_k and (N, 8) AU scores -> (N, 8) soft labels.
 
     A NaN row (or a missing array) in one input falls back to the other input for that row; a row
     missing in both is an error.
     """
-    if expert_scores is None and au_scores is None:
+    if expert_probs is None and au_scores is None:
         raise ValueError("fuse needs expert scores, AU scores or both")
-    n = len(expert_scores if expert_scores is not None else au_scores)
+    n = len(expert_probs if expert_probs is not None else au_scores)
     missing = np.full((n, NUM_EMOTIONS), np.nan)
-    p = normalise(expert_scores) if expert_scores is not None else missing
+    p = normalise(expert_probs) if expert_probs is not None else missing
     a = normalise(au_scores) if au_scores is not None else missing
     has_p, has_a = ~np.isnan(p).any(1), ~np.isnan(a).any(1)
     if not (has_p | has_a).all():
@@ -114,7 +114,7 @@ FIT_MAX_ROWS = 50_000
 
 
 def fit_fusion(
-    expert_scores: np.ndarray, au_scores: np.ndarray, human_labels: np.ndarray, config: FusionConfig
+    expert_probs: np.ndarray, au_scores: np.ndarray, human_labels: np.ndarray, config: FusionConfig
 ) -> tuple[FusionConfig, dict]:
     """λ and T that maximise the mean log s_h of the annotator labels h (rows with h in 0-7).
 
@@ -140,7 +140,7 @@ def fit_fusion(
     h = human_labels[rows]
     best = (-np.inf, config.expert_weight, config.temperature)
     for weight in FIT_WEIGHTS:
-        mixed = fuse(expert_scores[rows], au_scores[rows], replace(config, expert_weight=weight, temperature=1.0))
+        mixed = fuse(expert_probs[rows], au_scores[rows], replace(config, expert_weight=weight, temperature=1.0))
         log_mixed = np.log(np.clip(mixed, 1e-12, None))
         for temperature in FIT_TEMPERATURES:
             # log normalise(m ** (1/T))[h] without forming it: log m_h / T - logsumexp(log m / T)

@@ -6,7 +6,7 @@ that cannot be used, with its reason). Readers only parse text and list files; d
 happen in ``make_example`` so that it can run in worker processes.
 
 Example:
-    >>> from affectnet_plus import AffectNetPlusConfig
+    >>> from core.schema import AffectNetPlusConfig
     >>> from builder.sources import open_source
     >>> reader = open_source("AffectNet/", AffectNetPlusConfig(source_format="affectnet"))  # doctest: +SKIP
     >>> for item in reader.records("train"): ...  # doctest: +SKIP
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from affectnet_plus import (
+from builder.annotators import detect_face
+from builder.images import Rejected, crop_face
+from core.schema import (
     EMOTIONS,
     ETHNICITY_CLASSES,
     HUMAN_LABELS,
@@ -33,7 +35,6 @@ from affectnet_plus import (
     SUBSETS,
     AffectNetPlusConfig,
 )
-from builder.images import Rejected, crop_face, detect_face
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 AFFECTNET_COLUMNS = (

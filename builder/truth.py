@@ -4,7 +4,7 @@ Compared on the labelled rows (train and validation, human label 0-7) — rows n
 train row is scored by the experts of the folds that left it out, validation rows by experts that
 never saw them. Five candidate soft labels against the true mixture:
 
-(a) the experts alone (``expert_scores``), (b) the AU component alone (``au_scores``), (c) the fused
+(a) the experts alone (``expert_probs``), (b) the AU component alone (``au_scores``), (c) the fused
 ``soft_label``, (d) the annotator label one-hot, (e) the annotator label with label smoothing 0.1.
 
 Metrics: mean KL(true || candidate) (candidates clipped at 1e-6 so one-hot labels give a finite,
@@ -24,7 +24,8 @@ import json
 import numpy as np
 from datasets import load_dataset
 
-from affectnet_plus import EMOTIONS
+from builder.softlabel import normalise
+from core.schema import EMOTIONS
 
 EPS = 1e-6
 SMOOTHING = 0.1
@@ -46,7 +47,7 @@ def truth_check(dataset_dir, ground_truth) -> dict:
             if row["soft_label"] is not None:
                 truth[row["image_id"]] = np.asarray(row["soft_label"], dtype=np.float64)
     labels = load_dataset(str(dataset_dir), "labels")
-    needed = {"soft_label", "expert_scores", "au_scores", "subset"}
+    needed = {"soft_label", "expert_probs", "au_scores", "subset"}
     rows = {"true": [], "human": [], "subset": [], "expert": [], "au": [], "fused": []}
     for name in ("train", "validation"):
         if name not in labels:
@@ -63,7 +64,7 @@ def truth_check(dataset_dir, ground_truth) -> dict:
             rows["true"].append(truth[row["image_id"]])
             rows["human"].append(row["human_label"])
             rows["subset"].append(row["subset"])
-            rows["expert"].append(row["expert_scores"])
+            rows["expert"].append(row["expert_probs"])
             rows["au"].append(row["au_scores"])
             rows["fused"].append(row["soft_label"])
     if not rows["true"]:
@@ -72,7 +73,7 @@ def truth_check(dataset_dir, ground_truth) -> dict:
     human = np.asarray(rows["human"])
     one_hot = np.eye(len(EMOTIONS))[human]
     candidates = {
-        "experts": np.asarray(rows["expert"], dtype=np.float64),
+        "experts": normalise(np.asarray(rows["expert"], dtype=np.float64)),
         "au": np.asarray(rows["au"], dtype=np.float64),
         "fused": np.asarray(rows["fused"], dtype=np.float64),
         "annotator": one_hot,

@@ -1,7 +1,7 @@
 """Training data for the experts: folds, one-vs-rest sampling, and a dataset of decoded faces.
 
 Rows come from a built AffectNet+ folder (``affectnet-plus build``). A row's fold is a stable hash
-of its ``image_id``, the same in every process and every run, so cross-fitting (DESIGN §5.2) never
+of its ``image_id``, the same in every process and every run, so cross-fitting (``docs/method.md`` §3) never
 lets a fold-j expert see fold j.
 
 Example:
@@ -12,24 +12,14 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Image, load_dataset
 
-from affectnet_plus import EMOTIONS
+from core.schema import EMOTIONS, WORK_DIR, fold_of, folds  # noqa: F401  (fold_of, folds: the fold rule, re-exported)
 from models.transforms import decode_image
-
-
-def fold_of(image_id: str, num_folds: int) -> int:
-    """The cross-fitting fold of a row: sha1 of its ``image_id`` modulo ``num_folds``."""
-    return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") % num_folds
-
-
-def folds(image_ids, num_folds: int) -> np.ndarray:
-    return np.fromiter((fold_of(i, num_folds) for i in image_ids), dtype=np.int64, count=len(image_ids))
 
 
 def load_splits(data: str | Path, columns=("image_id", "image", "human_label")) -> DatasetDict:
@@ -38,7 +28,7 @@ def load_splits(data: str | Path, columns=("image_id", "image", "human_label")) 
     shards = sorted((path / "data" / "default").glob("*.parquet"))
     # A build in progress (its work folder is there) has no card yet, or an outdated one: read its
     # default shards directly.
-    in_progress = (path / ".build").is_dir() and shards
+    in_progress = (path / WORK_DIR).is_dir() and shards
     if (path / "README.md").is_file() and (path / "data").is_dir() and not in_progress:
         splits = load_dataset(str(path))
     elif shards:

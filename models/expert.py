@@ -21,8 +21,8 @@ import torch
 from accelerate.utils import set_seed
 from transformers import ViTConfig, ViTForImageClassification
 
-from affectnet_plus import EMOTIONS
-from builder.hub import PICKLE_SUFFIXES  # one list of the weight formats that unpickle
+from core.hub import PICKLE_SUFFIXES  # one list of the weight formats that unpickle
+from core.schema import EMOTIONS, folds
 from models.losses import balanced_cross_entropy
 from models.metrics import binary_metrics
 from models.training import TrainConfig, fit, make_accelerator, make_loader, make_train_loader
@@ -189,7 +189,7 @@ def train_expert(config: ExpertConfig) -> dict:
     (the model card). Every bad input raises a ``ValueError`` before the first training step.
     """
     from models.cards import expert_card
-    from models.data import FaceDataset, OneVsRestSampler, folds, load_splits
+    from models.data import FaceDataset, OneVsRestSampler, load_splits
 
     train = config.train
     accelerator = make_accelerator(train)
@@ -252,7 +252,7 @@ def save_checkpoint(accelerator, model, config, results: dict, card) -> None:
         (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
         card.save(out / "README.md")
         if config.push_to_hub:
-            from builder.hub import push_model
+            from core.hub import push_model
 
             push_model(out, config.push_to_hub)
     accelerator.wait_for_everyone()

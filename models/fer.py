@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from affectnet_plus import EMOTIONS, SUBSETS
+from core.schema import EMOTIONS, SUBSETS
 from models.cards import _table, dataset_license
 from models.expert import ModelConfig, _flat, _processor_stats, make_vit, save_checkpoint
 from models.losses import soft_cross_entropy

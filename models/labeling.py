@@ -3,7 +3,7 @@
 A train row in fold j is scored by the fold-j expert of each emotion, the one that never saw it;
 validation and unlabeled rows by the mean over the K experts of each emotion. Rows are cut into
 shards of ``shard_rows``; process i of n scores shards i, i + n, ...; each shard is written
-atomically as ``OUT/<split>-NNNNN.parquet`` (``image_id``, ``expert_scores``), so a re-run after a
+atomically as ``OUT/<split>-NNNNN.parquet`` (``image_id``, ``expert_probs``), so a re-run after a
 crash scores only the shards that are missing.
 
 Example:
@@ -25,13 +25,13 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoImageProcessor, ViTForImageClassification
 
-from affectnet_plus import EMOTIONS
-from models.data import FaceDataset, folds, load_splits
+from core.schema import EMOTIONS, folds
+from models.data import FaceDataset, load_splits
 from models.expert import check_safetensors, expert_labels
 from models.training import make_loader
 from models.transforms import BatchTransform
 
-SCORES_SCHEMA = pa.schema([("image_id", pa.string()), ("expert_scores", pa.list_(pa.float32(), len(EMOTIONS)))])
+SCORES_SCHEMA = pa.schema([("image_id", pa.string()), ("expert_probs", pa.list_(pa.float32(), len(EMOTIONS)))])
 
 
 @dataclass
@@ -167,7 +167,7 @@ def _check_finite(probs: torch.Tensor, paths) -> None:
 
 def _write_shard(path: Path, image_ids: list[str], scores: np.ndarray) -> None:
     table = pa.table(
-        {"image_id": image_ids, "expert_scores": [row.tolist() for row in scores.astype(np.float32)]},
+        {"image_id": image_ids, "expert_probs": [row.tolist() for row in scores.astype(np.float32)]},
         schema=SCORES_SCHEMA,
     )
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
@@ -220,7 +220,7 @@ def label(config: LabelConfig, accelerator=None) -> dict:
 
 
 def read_scores(out, split: str) -> dict[str, np.ndarray]:
-    """``{image_id: expert_scores}`` of one split from the shards in ``out``."""
+    """``{image_id: expert_probs}`` of one split from the shards in ``out``."""
     table = pa.concat_tables([pq.read_table(p) for p in sorted(Path(out).glob(f"{split}-*.parquet"))])
-    scores = np.asarray(table["expert_scores"].to_pylist(), dtype=np.float32)
+    scores = np.asarray(table["expert_probs"].to_pylist(), dtype=np.float32)
     return dict(zip(table["image_id"].to_pylist(), scores))

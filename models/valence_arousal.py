@@ -4,7 +4,7 @@ It is trained with the experts' Accelerate loop (``models.training.fit``) on the
 both values (AffectNet's, in [-1, 1]), with mean squared error, and evaluated on the validation split
 by CCC and RMSE. The checkpoint is a regular ``transformers`` folder (``ViTForImageClassification``,
 ``problem_type="regression"``, labels ``valence`` / ``arousal``); the build's
-``builder.annotators.ValenceArousalAnnotator`` runs it on the crops of sources without valence/arousal.
+``builder.va_annotator.ValenceArousalAnnotator`` runs it on the crops of sources without valence/arousal.
 
 Example:
     >>> from models.training import TrainConfig

@@ -113,8 +113,8 @@ def _annotate(args) -> int:
 
 
 def _predict(args) -> int:
+    from builder.predict import predict
     from builder.softlabel import FusionConfig
-    from models.predict import predict
 
     fusion = FusionConfig(expert_weight=args.expert_weight, temperature=args.temperature)
     report = predict(args.photos, args.experts, fusion, metadata=args.metadata, whole_image=args.whole_image,
@@ -139,7 +139,7 @@ def _predict(args) -> int:
 
 
 def _push(args) -> int:
-    from builder.hub import push_dataset, push_model
+    from core.hub import push_dataset, push_model
 
     if args.kind == "dataset":
         url = push_dataset(args.folder, args.repo, private=not args.public, gated=not args.ungated,
@@ -270,7 +270,7 @@ def make_parser() -> argparse.ArgumentParser:
                        help="unit of the release's pose angles (stored in degrees)")  # fmt: skip
     build.add_argument("--experts", default=None, metavar="MANIFEST",
                        help="experts/manifest.json (affectnet-plus train-experts): add soft_label, subset, "
-                       "expert_scores and au_scores")  # fmt: skip
+                       "expert_probs and au_scores")  # fmt: skip
     build.add_argument(
         "--expert-weight", type=float, default=0.5, help="λ: weight of the experts against the AU scores"
     )

@@ -22,7 +22,7 @@ from models.labeling import LabelConfig, label  # noqa: E402
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="label.py",
-        description="Write OUT/<split>-NNNNN.parquet shards of (image_id, expert_scores): the cross-fitted "
+        description="Write OUT/<split>-NNNNN.parquet shards of (image_id, expert_probs): the cross-fitted "
         "P(emotion present) of the 8 x K experts of a manifest, for every row of DATA.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

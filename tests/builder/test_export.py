@@ -17,7 +17,7 @@ from PIL import Image
 from affectnet_plus import AffectNetPlus, AffectNetPlusConfig, select_features
 from builder.au import AUModel
 from builder.export import BuildOptions, build
-from builder.softlabel import FusionConfig
+from builder.softlabel import FusionConfig, normalise
 from builder.sources import AffectNetPlusReader, AffectNetReader
 from tests.conftest import affectnet_row, face_image, write_release_annotation
 
@@ -302,7 +302,7 @@ def test_build_with_experts_adds_soft_labels_and_subsets(built_sample, experts, 
     assert present and "labels" in report["configs"]
     assert report["soft_labels_without_landmarks"] == {"train": 0, "validation": 0, "unlabeled": 0}
     full = load_dataset(str(out), split="train")
-    for column in ("soft_label", "subset", "expert_scores", "au_scores"):
+    for column in ("soft_label", "subset", "expert_probs", "au_scores"):
         assert column in full.features
     soft = np.asarray(full["soft_label"], dtype=np.float64)
     validate(soft)
@@ -319,7 +319,8 @@ def test_build_with_experts_adds_soft_labels_and_subsets(built_sample, experts, 
     )
     card = (out / "README.md").read_text()
     assert "λ (expert weight)" in card and "rows without landmarks (experts only) | 0" in card
-    np.testing.assert_allclose(np.asarray(full["expert_scores"]).sum(1), 1, atol=1e-5)
+    probs = np.asarray(full["expert_probs"])  # raw one-vs-rest probabilities: each in [0, 1], not a distribution
+    assert ((probs >= 0) & (probs <= 1)).all() and not np.allclose(probs.sum(1), 1, atol=1e-3)
     # the same arguments again: the same bytes
     first = _files(out)
     build(raw, out, AffectNetPlusConfig(), BuildOptions(shard_rows=40, progress=False), experts=str(experts))
@@ -338,7 +339,7 @@ def test_imagefolder_build_with_experts_falls_back_to_experts_only(experts, tmp_
     assert report["soft_labels_without_landmarks"] == {"train": 6, "validation": 6}
     rows = load_dataset(str(out), split="train")
     assert all(a is None for a in rows["au_scores"])
-    np.testing.assert_allclose(np.asarray(rows["soft_label"]), np.asarray(rows["expert_scores"]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rows["soft_label"]), normalise(np.asarray(rows["expert_probs"])), atol=1e-6)
 
 
 def test_truth_check_on_the_sample(built_sample, experts, tmp_path, capsys):
@@ -409,7 +410,7 @@ def test_release_soft_labels_are_replaced_only_when_asked(experts, tmp_path):
     build(root, out, config, QUIET, experts=str(experts), recompute=True)
     original = json.loads((root / "human_annotated/train_set/annotations/001.json").read_text())["soft-label"]
     row = load_dataset(str(out), split="train")[1]
-    assert row["image_id"].endswith("001") and row["expert_scores"] is not None
+    assert row["image_id"].endswith("001") and row["expert_probs"] is not None
     assert not np.allclose(row["soft_label"], original, atol=1e-3)
 
 

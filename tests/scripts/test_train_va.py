@@ -7,8 +7,8 @@ from PIL import Image
 from transformers import AutoModelForImageClassification
 
 from affectnet_plus import AffectNetPlusConfig
-from builder.annotators import ValenceArousalAnnotator
 from builder.export import BuildOptions, build
+from builder.va_annotator import ValenceArousalAnnotator
 from scripts.train_va import main
 from tests.conftest import face_image, launch_two_processes
 

@@ -8,7 +8,7 @@ Tokens come from where ``huggingface_hub`` looks (``HF_TOKEN``, the file written
 or the ``token`` argument; they are never printed, logged or put in an error message.
 
 Example:
-    >>> from builder.hub import push_dataset, push_model
+    >>> from core.hub import push_dataset, push_model
     >>> push_dataset("affectnet_plus/", "my-lab/affectnet_plus")  # doctest: +SKIP
     'https://huggingface.co/datasets/my-lab/affectnet_plus/commit/...'
     >>> push_model("experts/happy-f0", "my-lab/affectnet-plus-happy-f0")  # doctest: +SKIP
@@ -20,9 +20,9 @@ import fnmatch
 from contextlib import contextmanager
 from pathlib import Path
 
-from builder.export import LABELS_CONFIG, WORK_DIR
+from core.schema import LABELS_CONFIG, WORK_DIR
 
-# Weights formats that unpickle on load: never published (DESIGN §7, only safetensors are loaded).
+# Weights formats that unpickle on load: never published, and never loaded as weights.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Training state and tracker logs stay local: they are large, and optimizer state is pickled.
 MODEL_IGNORE = ["checkpoints/**", "logs/**"]
@@ -102,7 +102,7 @@ def labels_card(folder) -> str:
         card.data["dataset_info"] = None
     card.text = (
         f"> This repository holds only the `{LABELS_CONFIG}` config (every column but `image`). Join it to your "
-        "own licensed copy of the images by `image_id`, e.g. with `builder.hub.join_labels` of affectnet-plus.\n\n"
+        "own licensed copy of the images by `image_id`, e.g. with `core.hub.join_labels` of affectnet-plus.\n\n"
         + card.text
     )
     return str(card)

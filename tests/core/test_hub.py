@@ -11,7 +11,7 @@ from datasets import Image as ImageFeature
 from datasets import load_dataset
 from huggingface_hub import DatasetCard
 
-from builder.hub import HubPushError, join_labels, push_dataset, push_model
+from core.hub import HubPushError, join_labels, push_dataset, push_model
 from tests.hub_server import TOKEN, USER, fake_hub  # noqa: F401  (the fixture)
 
 # huggingface_hub's LFS upload passes a file as ``data=``, which httpx2 deprecates: not ours to fix.

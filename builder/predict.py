@@ -7,7 +7,7 @@ on its landmarks, and fused (``builder.softlabel.fuse``) into a soft label. All 
 are scored in batches.
 
 Example:
-    >>> from models.predict import predict
+    >>> from builder.predict import predict
     >>> faces = predict(["photo.jpg"], "experts/manifest.json")  # doctest: +SKIP
     >>> faces["photo.jpg"][0]["top"]  # doctest: +SKIP
     [['happy', 0.71], ['neutral', 0.12], ['surprise', 0.06]]
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from affectnet_plus import EMOTIONS, AffectNetPlusConfig
 from builder.au import AUModel, au_scores
-from builder.softlabel import FusionConfig, fuse, normalise
+from builder.softlabel import FusionConfig, fuse
+from core.schema import EMOTIONS, AffectNetPlusConfig
 from models.labeling import autocast_for, load_ensemble, score_batch
 from models.transforms import BatchTransform, decode_image
 
@@ -55,7 +55,7 @@ def predict(
 ) -> dict[str, list[dict] | dict]:
     """``{photo: [face, ...]}``, faces largest first, or ``{photo: {"error": reason, "detail": ...}}``.
 
-    A face is ``{"box", "soft_label": {emotion: p}, "top": [[emotion, p] x 3], "expert_scores",
+    A face is ``{"box", "soft_label": {emotion: p}, "top": [[emotion, p] x 3], "expert_probs",
     "au_scores"}`` plus, with ``metadata``, ``landmarks`` (photo pixels), ``head_pose``, ``age``,
     ``gender``, ``ethnicity`` and the reasons of any that are missing. ``whole_image`` takes each photo
     as one face crop (no detection); without it a photo with no face has an empty list. ``au_model``
@@ -103,7 +103,7 @@ def predict(
         order = np.argsort(-soft[i])[:3]
         face["soft_label"] = {e: round(float(p), 4) for e, p in zip(EMOTIONS, soft[i])}
         face["top"] = [[EMOTIONS[k], round(float(soft[i, k]), 4)] for k in order]
-        face["expert_scores"] = [round(float(p), 4) for p in normalise(expert[i : i + 1])[0]]
+        face["expert_probs"] = [round(float(p), 4) for p in expert[i]]
         face["au_scores"] = None if np.isnan(au[i]).any() else [round(float(p), 4) for p in au[i]]
         if result.get("landmarks") is not None:
             result["landmarks"] = np.round(crop_to_photo(result["landmarks"], box, margin, config.face_size), 2).tolist()

