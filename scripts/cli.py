@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from affectnet_plus import SOURCE_FORMATS
+from core.schema import SOURCE_FORMATS
 
 
 def _sample(args) -> int:
