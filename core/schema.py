@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
@@ -110,15 +110,19 @@ class AffectNetPlusConfig(datasets.BuilderConfig):
         detect_faces: for rows without a face box (image folders, CSV lists), find the face with the
             HOG detector (``builder.annotators``) and crop around the largest one; an image without a
             face is rejected (``no_face``). Off: the whole image is the face.
+        license: the licence of the source data, as a Hub licence id (e.g. ``cc-by-4.0``); by default it
+            follows the source format (AffectNet and the release: the AffectNet research terms; other
+            formats: unknown, to be stated before publishing).
     """
 
-    source_format: str = "affectnet"
+    source_format: str = field(default="affectnet", metadata={"choices": SOURCE_FORMATS})
     face_size: int = FACE_SIZE
     crop_margin: float = 0.15
     jpeg_quality: int = 95
     max_image_pixels: int = 90_000_000
-    pose_unit: str = "degrees"
+    pose_unit: str = field(default="degrees", metadata={"choices": ("degrees", "radians")})
     detect_faces: bool = False
+    license: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
