@@ -30,12 +30,16 @@ AU25      lips part               inner lips 62 and 66 apart
 AU26      jaw drop                chin 8 further below the nose tip 33
 ========  ======================  =================================================================
 
+Degenerate landmarks (any non-finite point, all points equal or on one line: an affine camera that
+cannot be inverted) give NaN rows, like missing landmarks, instead of an error; ``degenerate_landmarks``
+says which rows they are, so that a build can record why their AU component is missing.
+
 Landmark noise is the AU component's enemy: a few pixels on two points is as large as a weak action
 unit. Two things fight it. The pose is fitted on 15 points, so their noise averages out, and a
 ``ShapeModel`` (a PCA of the build's own frontalised faces) projects each face on its main modes of
 variation before anything is measured.
 
-Emotion scores follow EMFACS prototypes (DESIGN §5.4): happy 6+12; sad 1+4+15; surprise 1+2+5+26;
+Emotion scores follow EMFACS prototypes (docs/method.md §4): happy 6+12; sad 1+4+15; surprise 1+2+5+26;
 fear 1+2+4+5+20+26; disgust 9+15; anger 4+5+7+23; contempt the *unilateral* 12/14 (the difference
 between the two lip corners' rise); neutral 1 - max_j u_j. A score is the mean intensity of its
 prototype's AUs; the 8 scores are normalised to sum to 1.
@@ -116,22 +120,77 @@ def reference_shape() -> np.ndarray:
     return points / _iod(MEAN_FACE_68[None, :, :2])[0]
 
 
+# A camera is singular when its in-plane part's smaller singular value is below this share of the
+# larger, or when the larger is below this share of the landmarks' own spread (the points collapse).
+SINGULAR_RCOND = 1e-6
+
+
+def _camera(landmarks: np.ndarray) -> np.ndarray:
+    """(N, 4, 2): the least-squares affine camera from the 3-D reference to each face's ``STABLE_POINTS``."""
+    shape = reference_shape()
+    design = np.concatenate([shape[STABLE_POINTS], np.ones((len(STABLE_POINTS), 1))], 1)
+    return np.einsum("ks,nsd->nkd", np.linalg.pinv(design), landmarks[:, STABLE_POINTS])
+
+
+def _usable(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(missing, degenerate, camera) of (N, 68, 2) float64 landmarks; camera rows are zero where unusable."""
+    missing = np.isnan(landmarks).all((1, 2))
+    finite = np.isfinite(landmarks).all((1, 2))
+    safe = np.where(finite[:, None, None], landmarks, 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge coordinates overflow: degenerate too
+        camera = _camera(safe)
+        finite &= np.isfinite(camera).all((1, 2))
+        camera[~finite] = 0.0
+        singular_values = np.linalg.svd(camera[:, :2, :], compute_uv=False)  # (N, 2), largest first
+        centred = safe - safe.mean(1, keepdims=True)
+        spread = np.sqrt((centred**2).sum((1, 2)) / landmarks.shape[1])
+        collapsed = spread <= 1e-12 * (1.0 + np.abs(safe).max((1, 2), initial=0.0))  # all points equal
+        singular = (singular_values[:, 0] <= SINGULAR_RCOND * spread) | (
+            singular_values[:, 1] <= SINGULAR_RCOND * singular_values[:, 0]
+        )
+    degenerate = ~missing & (~finite | collapsed | singular)
+    camera[degenerate] = 0.0
+    return missing, degenerate, camera
+
+
+def degenerate_landmarks(landmarks: np.ndarray) -> np.ndarray:
+    """(N, 68, 2) landmarks -> (N,) bool: rows present but unusable, whose AU component is NaN.
+
+    A row is degenerate when any of its points is not finite, when all its points are equal, or when
+    the frontalisation camera fitted on it is singular (points on one line; ``np.linalg.solve``
+    cannot invert its in-plane part). Missing rows (every value NaN, how a build reads null
+    landmarks) are not degenerate: they are missing.
+
+    Example:
+        >>> import numpy as np
+        >>> faces = np.stack([reference_landmarks() * 100 + 50, np.full((68, 2), 7.0)])
+        >>> degenerate_landmarks(faces).tolist()
+        [False, True]
+    """
+    return _usable(np.asarray(landmarks, dtype=np.float64))[1]
+
+
 def frontalise(landmarks: np.ndarray) -> np.ndarray:
     """(N, 68, 2) landmarks -> the same faces seen from the front, in ``reference_landmarks()`` units.
 
     An affine camera (2 x 3 plus a shift) maps the 3-D reference onto each face's ``STABLE_POINTS``;
     what the camera does not explain is the expression. That residual is mapped back through the
     camera's in-plane part, which undoes scale, roll and the foreshortening of yaw and pitch (to first
-    order: expression moves are taken to lie in the face's plane).
+    order: expression moves are taken to lie in the face's plane). Missing and degenerate rows
+    (``degenerate_landmarks``) come out NaN.
     """
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    missing, degenerate, camera = _usable(landmarks)
+    unusable = missing | degenerate
     shape = reference_shape()
-    design = np.concatenate([shape[STABLE_POINTS], np.ones((len(STABLE_POINTS), 1))], 1)
-    camera = np.einsum("ks,nsd->nkd", np.linalg.pinv(design), landmarks[:, STABLE_POINTS])  # (N, 4, 2)
     projected = np.concatenate([shape, np.ones((68, 1))], 1) @ camera  # (N, 68, 2)
     in_plane = np.swapaxes(camera[:, :2, :], 1, 2)  # (N, 2, 2): image = in_plane @ (x, y)
-    residual = landmarks - projected
+    in_plane[unusable] = np.eye(2)
+    residual = np.where(unusable[:, None, None], 0.0, landmarks - projected)
     moves = np.linalg.solve(in_plane[:, None], residual[..., None])[..., 0]
-    return shape[None, :, :2] + moves
+    frontal = shape[None, :, :2] + moves
+    frontal[unusable] = np.nan
+    return frontal
 
 
 def _measures(points: np.ndarray) -> dict[str, np.ndarray]:

@@ -25,8 +25,6 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from core.schema import COLUMN_DESCRIPTIONS, HUMAN_LABELS, SUBSETS, select_features
 
 TEMPLATE_NAME = "dataset_card.md"
-# A source folder holding this file is the project's synthetic sample (``affectnet-plus sample``).
-SAMPLE_MARKER = "ground_truth.jsonl"
 AFFECTNET_LICENSE_URL = "http://mohammadmahoor.com/affectnet/"
 
 AFFECTNET_TERMS = f"""\
@@ -226,13 +224,19 @@ def render_card(out: Path, reader, config, report: dict, features=None) -> Datas
     out = Path(out)
     features = features or select_features(reader.columns, reader.ethnicity_classes)
     root = Path(reader.root)
-    is_sample = (root / SAMPLE_MARKER).is_file()
+    # The license follows the source format unless the build was given one (config.license). Only a
+    # verified manifest of `affectnet-plus sample` makes the source the synthetic sample, never the
+    # mere presence of a file (a real source may hold a ground_truth.jsonl of its own).
+    from builder.sample import is_bundled_sample
+
+    affectnet_fields = {"license": "other", "license_name": "affectnet-research", "license_link": AFFECTNET_LICENSE_URL}
+    is_sample = is_bundled_sample(root, config.source_format)
     if is_sample:
         title = "bundled synthetic sample"
         summary = (
             "**These faces are synthetic.** They were rendered by `affectnet-plus sample` from a 3-D mean face "
-            "with known expression mixtures and head poses, written in the raw AffectNet layout, and built "
-            "like real AffectNet. They prove the pipeline; numbers measured on them say nothing about AffectNet."
+            f"with known expression mixtures and head poses, written in the {config.source_format} layout, and "
+            "built like real AffectNet. They prove the pipeline; numbers measured on them say nothing about AffectNet."
         )
         license_fields = {"license": "apache-2.0"}
         license_text = "The rendered faces and their labels are synthetic and released under Apache-2.0."
@@ -241,11 +245,7 @@ def render_card(out: Path, reader, config, report: dict, features=None) -> Datas
         summary = (
             f"Built from a licensed copy of {'AffectNet' if config.source_format == 'affectnet' else 'AffectNet+'}."
         )
-        license_fields = {
-            "license": "other",
-            "license_name": "affectnet-research",
-            "license_link": AFFECTNET_LICENSE_URL,
-        }
+        license_fields = dict(affectnet_fields)
         license_text = AFFECTNET_TERMS
     else:
         title = f"built from the {config.source_format} source `{root.name}`"
@@ -255,6 +255,24 @@ def render_card(out: Path, reader, config, report: dict, features=None) -> Datas
             f"The images come from `{root.name}`; this folder carries that dataset's license, which the build "
             "cannot know. State it here before publishing."
         )
+    explicit = getattr(config, "license", None)
+    if explicit is not None:
+        chosen = str(explicit).strip().lower()
+        if chosen == "affectnet-research":
+            license_fields, license_text = dict(affectnet_fields), AFFECTNET_TERMS
+        elif chosen[:1].isalnum() and chosen.isascii() and all(c.isalnum() or c in ".+_-" for c in chosen):
+            default = license_fields.get("license_name") or license_fields["license"]
+            license_fields = {"license": chosen}
+            license_text = (
+                f"Released under `{chosen}`, the license given to the build (it replaces `{default}`, the default "
+                "for this source). The build cannot check it: whoever ran the build vouches that the source "
+                "data allows it."
+            )
+        else:
+            raise ValueError(
+                f"license must be a Hub license id such as cc-by-4.0 or apache-2.0 (or affectnet-research), "
+                f"got {explicit!r}"
+            )
 
     splits = list(report["splits"])
     configs_rows = [[c, *(counts.get(s, "—") for s in splits)] for c, counts in report["configs"].items()]

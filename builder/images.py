@@ -25,7 +25,12 @@ _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
 
 class Rejected(Exception):
-    """A row that cannot become an AffectNet+ example; ``reason`` is a stable snake_case code."""
+    """A row that cannot become an AffectNet+ example; ``reason`` is a stable snake_case code.
+
+    ``detail`` names the file as it was given (``predict`` and ``annotate`` show it to the user as
+    is); a build publishes it only through ``builder.sources.make_example``, which rewrites it relative
+    to the source root.
+    """
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)

@@ -10,7 +10,11 @@ sample says anything about AffectNet itself; it exists to prove the pipeline end
 
 Two layouts are written: ``"affectnet"`` (raw AffectNet: CSV file lists + full images with a face
 box and 68 landmarks) and ``"affectnet-plus"`` (the official AffectNet+ release: 224 px face crops +
-one JSON per image). Both add ``ground_truth.jsonl``, one line per image, sorted by ``image_id``.
+one JSON per image). Both add ``ground_truth.jsonl``, one line per image, sorted by ``image_id``, and
+``sample_manifest.json``: the config, the sha256 of every file written and a signature over both
+(``is_bundled_sample``), which is how a build knows that its source is this synthetic sample (its
+card then carries Apache-2.0 rather than AffectNet's terms) and not a real dataset that happens to
+hold a file of the same name. The signature guards against accidents, not forgery: its key is public.
 
 Head pose convention (degrees, camera frame x right, y down, z away from the camera; the face looks
 along -z toward the camera): ``R = Rz(roll) @ Ry(yaw) @ Rx(pitch)`` with the standard right-handed
@@ -29,7 +33,9 @@ Example:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import hmac
 import io
 import json
 import math
@@ -52,6 +58,7 @@ __all__ = [
     "VALENCE_AROUSAL_PROTOTYPES",
     "contact_sheet",
     "expression_displacements",
+    "is_bundled_sample",
     "render_face",
     "render_non_face",
     "rotation_matrix",
@@ -61,6 +68,18 @@ __all__ = [
 K = len(EMOTIONS)
 NONE, UNCERTAIN, NON_FACE = HUMAN_LABELS.index("none"), HUMAN_LABELS.index("uncertain"), HUMAN_LABELS.index("non_face")
 LAYOUTS = ("affectnet", "affectnet-plus")
+MANIFEST = "sample_manifest.json"
+GROUND_TRUTH = "ground_truth.jsonl"
+# The folders each layout writes (everything in them is the sample's, and listed in the manifest).
+LAYOUT_FOLDERS = {
+    "affectnet": ("Manually_Annotated_file_lists", "Manually_Annotated_Images", "Automatically_Annotated_file_lists",
+                  "Automatically_Annotated_Images"),
+    "affectnet-plus": ("human_annotated", "no_human_annotated"),
+}  # fmt: skip
+MANIFEST_GENERATOR = "affectnet-plus sample"
+# Public and fixed: the signature tells a manifest written by write_sample from one edited by hand or
+# by another tool, not a forger from the project (docs/method.md §7).
+_MANIFEST_KEY = b"affectnet-plus/builder.sample/manifest/v1"
 CSV_COLUMNS = AFFECTNET_COLUMNS  # written exactly as raw AffectNet, read back by builder.sources
 VA_SENTINEL = int(AFFECTNET_VA_SENTINEL)  # AffectNet's valence/arousal for uncertain and non-face rows
 
@@ -1032,8 +1051,8 @@ def _example(config: SampleConfig, index: int, split: str, code: int | None) -> 
     ex.update(pose=pose, human_label=label, valence=float(va[0]), arousal=float(va[1]), written_va=written_va)
     # Placeholder demographics for the release layout's meta-data.
     female = float(np.clip(rng.beta(0.6, 0.6), 0.01, 0.99))
-    race = rng.dirichlet(np.full(5, 0.3))
-    ex.update(age=float(np.clip(rng.normal(34, 12), 16, 80)), female=female, race=race)
+    ethnicity = rng.dirichlet(np.full(5, 0.3))
+    ex.update(age=float(np.clip(rng.normal(34, 12), 16, 80)), female=female, ethnicity=ethnicity)
     ex["pose_estimate"] = tuple(float(a) for a in np.asarray(pose) + rng.normal(0, 2.0, 3))
     return ex
 
@@ -1067,13 +1086,7 @@ def _points(points: np.ndarray, digits: int) -> list[list[float]]:
 
 
 def _clear(out: Path, layout: str, overwrite: bool) -> None:
-    tops = (
-        ["Manually_Annotated_file_lists", "Manually_Annotated_Images", "Automatically_Annotated_file_lists",
-         "Automatically_Annotated_Images"]
-        if layout == "affectnet"
-        else ["human_annotated", "no_human_annotated"]
-    )  # fmt: skip
-    existing = [out / t for t in [*tops, "ground_truth.jsonl"] if (out / t).exists()]
+    existing = [out / t for t in [*LAYOUT_FOLDERS[layout], GROUND_TRUTH, MANIFEST] if (out / t).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds a sample ({existing[0].name}); pass overwrite=True to replace it")
     for path in existing:
@@ -1085,7 +1098,8 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
 
     Args:
         out: output folder (created). Existing sample files there raise ``FileExistsError``
-            unless ``overwrite``; only this layout's folders and ``ground_truth.jsonl`` are replaced.
+            unless ``overwrite``; only this layout's folders, ``ground_truth.jsonl`` and
+            ``sample_manifest.json`` are replaced.
         config: what to render.
         progress: show a tqdm progress bar.
 
@@ -1156,7 +1170,8 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
                 "meta-data": {
                     "age": _r(ex["age"], 1),
                     "gender": {"female": _r(ex["female"]), "male": _r(1 - _r(ex["female"]))},
-                    "race": dict(zip(("white", "black", "asian", "indian", "other"), _normalised(ex["race"]))),
+                    # the release's JSON calls ethnicity "race"
+                    "race": dict(zip(("white", "black", "asian", "indian", "other"), _normalised(ex["ethnicity"]))),
                     "pose": dict(zip(("yaw", "pitch", "roll"), (_r(a, 2) for a in ex["pose_estimate"]))),
                     "valence": _r(va[0]),
                     "arousal": _r(va[1]),
@@ -1194,9 +1209,10 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
                 writer.writerow(CSV_COLUMNS)
                 writer.writerows(sorted(csv_rows[split], key=lambda row: row[0]))
     truth.sort(key=lambda row: row["image_id"])
-    with open(out / "ground_truth.jsonl", "w", encoding="utf-8", newline="\n") as f:
+    with open(out / GROUND_TRUTH, "w", encoding="utf-8", newline="\n") as f:
         for row in truth:
             f.write(json.dumps(row) + "\n")
+    _write_manifest(out, config)
 
     summary = {
         "layout": config.layout,
@@ -1211,6 +1227,69 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
     if config.layout == "affectnet-plus":
         summary["subsets"] = dict(zip(("easy", "challenging", "difficult"), subset_counts))
     return summary
+
+
+def _sample_files(root: Path, layout: str) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file of the sample ``layout`` under ``root`` (the layout's
+    folders and ``ground_truth.jsonl``; not the manifest, nor anything else in ``root``)."""
+    paths = [root / GROUND_TRUTH] if (root / GROUND_TRUTH).is_file() else []
+    for top in LAYOUT_FOLDERS[layout]:
+        if (root / top).is_dir():
+            paths += [p for p in (root / top).rglob("*") if p.is_file() or p.is_symlink()]
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if not p.is_symlink() else "link"
+        for p in sorted(paths)
+    }
+
+
+def _signature(content: dict) -> str:
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return hmac.new(_MANIFEST_KEY, canonical, hashlib.sha256).hexdigest()
+
+
+def _write_manifest(out: Path, config: SampleConfig) -> None:
+    content = {
+        "generator": MANIFEST_GENERATOR,
+        "layout": config.layout,
+        "config": dataclasses.asdict(config),
+        "files": _sample_files(out, config.layout),
+    }
+    manifest = {**content, "signature": _signature(content)}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def is_bundled_sample(root: str | Path, layout: str | None = None) -> bool:
+    """Whether ``root`` holds the synthetic sample exactly as ``write_sample`` wrote it.
+
+    True only when ``root/sample_manifest.json`` is a manifest of ``write_sample`` whose signature
+    matches its content, and every file it lists (images, file lists or annotations,
+    ``ground_truth.jsonl``) is on disk with the same sha256, with no other file in the layout's
+    folders. A real source that holds a ``ground_truth.jsonl``, or a manifest copied or edited by
+    hand, is not the sample. With ``layout``, the manifest's layout must be that one too (a build
+    reads the folder in that format). For a CSV source ``root`` may be the CSV file: its folder is used.
+
+    Example:
+        >>> is_bundled_sample("demo/raw")  # doctest: +SKIP
+        True
+    """
+    root = Path(root)
+    if root.is_file():
+        root = root.parent
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        content = {k: manifest[k] for k in ("generator", "layout", "config", "files")}
+        signature = manifest["signature"]
+        if set(manifest) != {*content, "signature"} or not isinstance(signature, str):
+            return False
+        if content["generator"] != MANIFEST_GENERATOR or content["layout"] not in LAYOUTS:
+            return False
+        if not hmac.compare_digest(signature, _signature(content)):
+            return False
+        if layout is not None and layout != content["layout"]:
+            return False
+        return _sample_files(root, content["layout"]) == content["files"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _normalised(p: np.ndarray) -> list[float]:

@@ -5,6 +5,10 @@ carries the annotations the source has, still in source pixel coordinates) or a 
 that cannot be used, with its reason). Readers only parse text and list files; decoding and cropping
 happen in ``make_example`` so that it can run in worker processes.
 
+Rejection details end up in the published ``rejects.jsonl``, so they never hold the build machine's
+absolute paths: every detail a reader yields, and every ``Rejected`` that ``make_example`` raises, has
+the source root taken out of it (``source_relative``), and names paths relative to the source.
+
 Example:
     >>> from core.schema import AffectNetPlusConfig
     >>> from builder.sources import open_source
@@ -15,10 +19,12 @@ Example:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +73,8 @@ class Record:
     image_path: Path
     face_box: tuple[float, float, float, float] | None = None
     annotations: dict = field(default_factory=dict)
+    # The reader's root: make_example writes the paths of its rejections relative to it.
+    source_root: str = ""
 
 
 @dataclass
@@ -89,6 +97,45 @@ class Rejection:
         }
 
 
+def source_relative(text: str, root) -> str:
+    """``text`` with the absolute path of ``root`` (as given and with its links resolved) taken out:
+    ``/data/AffectNet/Manually_Annotated_Images/1/a.jpg: ...`` becomes ``Manually_Annotated_Images/1/a.jpg: ...``
+    for ``root="/data/AffectNet"``, and ``root`` itself becomes ``.``.
+
+    Example:
+        >>> source_relative("/data/src/a/b.jpg: cannot identify image file '/data/src/a/b.jpg'", "/data/src")
+        "a/b.jpg: cannot identify image file 'a/b.jpg'"
+    """
+    if not text or not root:
+        return text
+    root = os.path.abspath(os.fspath(root))
+    if root == os.sep:
+        return text
+    for prefix in sorted({root, os.path.realpath(root)}, key=len, reverse=True):
+        text = text.replace(prefix + os.sep, "")
+        text = re.sub(re.escape(prefix) + r"(?![\w.-])", ".", text)  # the root itself, not a sibling's name
+    return text
+
+
+class _Reader:
+    """What every reader shares: ``records`` yields ``_records`` with paths relative to ``self.root``."""
+
+    root: Path
+
+    def _records(self, split: str) -> Iterator[Record | Rejection]:
+        raise NotImplementedError
+
+    def records(self, split: str) -> Iterator[Record | Rejection]:
+        """The rows of ``split``: ``Record``s and ``Rejection``s, in source order."""
+        root = str(self.root)
+        for item in self._records(split):
+            if isinstance(item, Rejection):
+                item = dataclasses.replace(item, detail=source_relative(item.detail, root))
+            else:
+                item.source_root = root
+            yield item
+
+
 @functools.lru_cache(maxsize=65536)
 def _real_dir(path: str) -> str:
     # AffectNet has ~1M rows in ~1k folders: resolve each folder's symlinks once, not once per row.
@@ -105,7 +152,10 @@ def resolve_inside(root: Path, relative: str) -> Path:
         raise Rejected("malformed_row", f"bad image path {relative!r}")
     relative = relative.replace("\\", "/")
     if os.path.isabs(relative):
-        raise Rejected("path_escapes_root", relative)
+        # the path itself is not repeated: it names a place on some machine, not in the source
+        raise Rejected(
+            "path_escapes_root", f"an absolute path, not one inside the source (file {os.path.basename(relative)!r})"
+        )
     real_root = _real_dir(str(root))
     folder, name = os.path.split(os.path.join(real_root, relative))
     resolved = os.path.join(_real_dir(folder), name)
@@ -162,7 +212,7 @@ def _landmarks(values, what: str = "landmarks") -> np.ndarray:
     return points.reshape(NUM_LANDMARKS, 2)
 
 
-class AffectNetReader:
+class AffectNetReader(_Reader):
     """Raw AffectNet: ``Manually_Annotated_file_lists/{training,validation}.csv`` (+ images in
     ``Manually_Annotated_Images/``) and the automatically annotated part, which becomes ``unlabeled``."""
 
@@ -199,7 +249,7 @@ class AffectNetReader:
         """Rows ``records(split)`` will yield, without parsing them."""
         return sum(1 for _ in self._rows(split))
 
-    def records(self, split: str) -> Iterator[Record | Rejection]:
+    def _records(self, split: str) -> Iterator[Record | Rejection]:
         csv_path, images_dir = self.PARTS[split]
         images_root = self.root / images_dir
         for line_number, row in self._rows(split):
@@ -233,7 +283,7 @@ class AffectNetReader:
         return Record(_image_id(self.root, path), split, origin, line_number, path, box, annotations)
 
 
-class AffectNetPlusReader:
+class AffectNetPlusReader(_Reader):
     """The official AffectNet+ release: ``human_annotated/{train_set,validation_set}`` and
     ``no_human_annotated``, each with ``images/`` and one JSON per image in ``annotations/``.
 
@@ -289,7 +339,7 @@ class AffectNetPlusReader:
         annotations = {p.stem for p in self._annotation_files(split)}
         return len(annotations) + len(set(self._images(split)) - annotations)
 
-    def records(self, split: str) -> Iterator[Record | Rejection]:
+    def _records(self, split: str) -> Iterator[Record | Rejection]:
         images = self._images(split)
         for annotation_path in self._annotation_files(split):
             origin = annotation_path.relative_to(self.root).as_posix()
@@ -316,7 +366,7 @@ class AffectNetPlusReader:
             pose = meta["pose"]
             angles = np.array([float(pose[k]) for k in ("yaw", "pitch", "roll")])
             gender = {k: float(meta["gender"][k]) for k in ("female", "male")}
-            race = {_class_name(k): float(v) for k, v in meta["race"].items()}
+            ethnicity = {_class_name(k): float(v) for k, v in meta["race"].items()}  # the release's name for it
             age = float(meta["age"])
             valence, arousal = float(meta["valence"]), float(meta["arousal"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -327,9 +377,11 @@ class AffectNetPlusReader:
             raise Rejected("malformed_annotation", f"soft-label sums to {soft_label.sum():.4f}, not 1")
         if not 0 <= subset < len(SUBSETS):
             raise Rejected("malformed_annotation", f"subset {subset} not in 0..{len(SUBSETS) - 1}")
-        if set(race) != set(self.ethnicity_classes):
-            raise Rejected("malformed_annotation", f"race classes {sorted(race)} != {list(self.ethnicity_classes)}")
-        numbers = np.array([*angles, *gender.values(), *race.values(), age, valence, arousal])
+        if set(ethnicity) != set(self.ethnicity_classes):
+            raise Rejected(
+                "malformed_annotation", f"race classes {sorted(ethnicity)} != {list(self.ethnicity_classes)}"
+            )
+        numbers = np.array([*angles, *gender.values(), *ethnicity.values(), age, valence, arousal])
         if not np.isfinite(numbers).all():
             raise Rejected("malformed_annotation", "meta-data contains NaN or inf")
         if self.config.pose_unit == "radians":
@@ -345,7 +397,7 @@ class AffectNetPlusReader:
             "head_pose": dict(zip(("yaw", "pitch", "roll"), angles.tolist())),
             "age": age,
             "gender": gender,
-            "ethnicity": race,
+            "ethnicity": ethnicity,
         }
         return Record(_image_id(self.root, image_path), split, origin, None, image_path, None, annotations)
 
@@ -365,7 +417,7 @@ def _label_from_name(name: str) -> int:
     return _label(text)
 
 
-class ImageFolderReader:
+class ImageFolderReader(_Reader):
     """Another FER dataset as ``ROOT/<split>/<emotion name or code>/*.jpg`` (splits: train,
     validation (or val), unlabeled). Each image is taken whole as the face."""
 
@@ -388,7 +440,7 @@ class ImageFolderReader:
     def count(self, split: str) -> int:
         return sum(1 for _ in self.records(split))  # listing only: cheap
 
-    def records(self, split: str) -> Iterator[Record | Rejection]:
+    def _records(self, split: str) -> Iterator[Record | Rejection]:
         split_dir = self._split_dir(split)
         for label_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             try:
@@ -403,7 +455,7 @@ class ImageFolderReader:
                 origin = path.relative_to(self.root).as_posix()
                 resolved = path.resolve()
                 if not resolved.is_relative_to(self.root):  # a symlink pointing out of the source
-                    yield Rejection(origin, None, "path_escapes_root", str(path))
+                    yield Rejection(origin, None, "path_escapes_root", f"{origin} links outside the source")
                     continue
                 image_id = _image_id(self.root, path.parent.resolve() / path.name)
                 yield Record(image_id, split, origin, None, resolved, None, {"human_label": label})
@@ -413,7 +465,7 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
 
 
-class CsvReader:
+class CsvReader(_Reader):
     """Another FER dataset as a CSV with columns ``path,label`` and optionally ``split`` (default
     ``train``); paths are relative to the CSV's folder, labels are names or AffectNet codes."""
 
@@ -444,7 +496,7 @@ class CsvReader:
     def count(self, split: str) -> int:
         return sum(1 for _ in self.records(split))  # text only: cheap
 
-    def records(self, split: str) -> Iterator[Record | Rejection]:
+    def _records(self, split: str) -> Iterator[Record | Rejection]:
         for line_number, row in self._rows():
             if (row.get("split") or "train").strip() != split:
                 continue
@@ -487,20 +539,25 @@ def open_source(source, config: AffectNetPlusConfig):
 
 
 def make_example(record: Record, config: AffectNetPlusConfig, columns) -> dict:
-    """Decodes and crops a record's image and returns its row (only ``columns``), or raises ``Rejected``."""
+    """Decodes and crops a record's image and returns its row (only ``columns``), or raises ``Rejected``
+    (whose detail names the image relative to ``record.source_root``)."""
     landmarks = record.annotations.get("landmarks")
     face_box, faces = record.face_box, None
-    if face_box is None and config.detect_faces:
-        face_box, faces = detect_face(record.image_path, config.max_image_pixels)
-    jpeg, crop_landmarks = crop_face(
-        record.image_path,
-        face_box,
-        landmarks,
-        face_size=config.face_size,
-        crop_margin=config.crop_margin,
-        jpeg_quality=config.jpeg_quality,
-        max_image_pixels=config.max_image_pixels,
-    )
+    try:
+        if face_box is None and config.detect_faces:
+            face_box, faces = detect_face(record.image_path, config.max_image_pixels)
+        jpeg, crop_landmarks = crop_face(
+            record.image_path,
+            face_box,
+            landmarks,
+            face_size=config.face_size,
+            crop_margin=config.crop_margin,
+            jpeg_quality=config.jpeg_quality,
+            max_image_pixels=config.max_image_pixels,
+        )
+    except Rejected as err:  # decoding errors name the file: relative to the source, never absolute
+        root = record.source_root or os.path.dirname(os.path.abspath(record.image_path))
+        raise Rejected(err.reason, source_relative(err.detail, root)) from None
     example = {name: record.annotations.get(name) for name in columns}
     example["image_id"] = record.image_id
     example["image"] = {"bytes": jpeg, "path": None}

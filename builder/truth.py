@@ -48,7 +48,8 @@ def truth_check(dataset_dir, ground_truth) -> dict:
                 truth[row["image_id"]] = np.asarray(row["soft_label"], dtype=np.float64)
     labels = load_dataset(str(dataset_dir), "labels")
     needed = {"soft_label", "expert_probs", "au_scores", "subset"}
-    rows = {"true": [], "human": [], "subset": [], "expert": [], "au": [], "fused": []}
+    columns = ("true", "human_label", "subset", "expert_probs", "au_scores", "soft_label")
+    rows = {name: [] for name in columns}
     for name in ("train", "validation"):
         if name not in labels:
             continue
@@ -57,25 +58,23 @@ def truth_check(dataset_dir, ground_truth) -> dict:
         if missing:
             raise ValueError(f"{dataset_dir} has no {sorted(missing)}: build it with --experts first")
         for row in split:
-            if row["image_id"] not in truth or not 0 <= row["human_label"] < len(EMOTIONS):
+            human_label = row["human_label"]
+            if row["image_id"] not in truth or human_label is None or not 0 <= human_label < len(EMOTIONS):
                 continue
             if row["au_scores"] is None:
-                continue  # no landmarks: (b) undefined for this row
+                continue  # no usable landmarks: (b) undefined for this row
             rows["true"].append(truth[row["image_id"]])
-            rows["human"].append(row["human_label"])
-            rows["subset"].append(row["subset"])
-            rows["expert"].append(row["expert_probs"])
-            rows["au"].append(row["au_scores"])
-            rows["fused"].append(row["soft_label"])
+            for column in columns[1:]:
+                rows[column].append(row[column])
     if not rows["true"]:
         raise ValueError(f"no row of {dataset_dir} has a ground-truth soft label in {ground_truth}")
     true = np.asarray(rows["true"])
-    human = np.asarray(rows["human"])
+    human = np.asarray(rows["human_label"])
     one_hot = np.eye(len(EMOTIONS))[human]
     candidates = {
-        "experts": normalise(np.asarray(rows["expert"], dtype=np.float64)),
-        "au": np.asarray(rows["au"], dtype=np.float64),
-        "fused": np.asarray(rows["fused"], dtype=np.float64),
+        "experts": normalise(np.asarray(rows["expert_probs"], dtype=np.float64)),
+        "au": np.asarray(rows["au_scores"], dtype=np.float64),
+        "fused": np.asarray(rows["soft_label"], dtype=np.float64),
         "annotator": one_hot,
         "annotator_smoothed": one_hot * (1 - SMOOTHING) + SMOOTHING / len(EMOTIONS),
     }

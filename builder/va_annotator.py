@@ -63,11 +63,14 @@ class ValenceArousalAnnotator(Annotator):
             license_id = ModelCard.load(Path(self.model_dir) / "README.md").data.license
         except (OSError, ValueError):
             license_id = None
+        # The card and the report are published: the checkpoint is named by its folder and identified by
+        # its weights' digest, never by where it lies on the build machine.
+        name = Path(self.model_dir).name
         return {
-            "model": f"ViT valence/arousal regressor `{Path(self.model_dir).name}` (scripts/train_va.py)",
+            "model": f"ViT valence/arousal regressor `{name}` (scripts/train_va.py)",
             "version": f"model.safetensors sha256 {digest}",
             "license": license_id or "that of its training data",
-            "source": self.model_dir,
+            "source": f"checkpoint folder `{name}` trained with scripts/train_va.py",
         }
 
     def annotate(self, images: list[Image.Image], rows: list[dict]) -> list[dict]:

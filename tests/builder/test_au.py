@@ -4,6 +4,7 @@ import pytest
 from affectnet_plus import EMOTIONS
 from builder.au import (
     AUS,
+    STABLE_POINTS,
     AUCalibration,
     AUConfig,
     AUModel,
@@ -11,6 +12,7 @@ from builder.au import (
     au_features,
     au_intensities,
     au_scores,
+    degenerate_landmarks,
     frontalise,
     reference_landmarks,
     shape_moments,
@@ -167,3 +169,58 @@ def test_au_model_file_round_trip():
     np.testing.assert_allclose(plain.scores(noisy, ids, "train"), au_scores(noisy))
     with pytest.raises(ValueError, match="not an AU model"):
         AUModel.from_json({"weights": []})
+
+
+def _degenerate_faces() -> dict[str, np.ndarray]:
+    """Landmarks that are present but unusable, each kind once."""
+    face = _prototypes()[1]
+    collinear = face.copy()
+    collinear[:, 1] = 0.5 * collinear[:, 0] + 3  # every point on one line: the camera has rank 1
+    stable_collapsed = face.copy()
+    stable_collapsed[STABLE_POINTS] = stable_collapsed[STABLE_POINTS].mean(0)  # the pose points coincide
+    one_nan, one_inf = face.copy(), face.copy()
+    one_nan[30, 0] = np.nan
+    one_inf[8, 1] = np.inf
+    return {"all_equal": np.full((68, 2), 112.0), "collinear": collinear, "stable_points_equal": stable_collapsed,
+            "one_nan": one_nan, "one_inf": one_inf, "huge": face * 1e300}  # fmt: skip
+
+
+def test_a_degenerate_face_alone_gives_nan_instead_of_an_error():
+    for kind, face in _degenerate_faces().items():
+        batch = face[None]
+        assert degenerate_landmarks(batch).tolist() == [True], kind
+        for function in (au_features, au_intensities, au_scores, frontalise):
+            assert np.isnan(function(batch)).all(), (kind, function.__name__)
+        assert shape_moments(batch)[0] == 0, kind
+
+
+def test_a_degenerate_face_in_a_batch_is_nan_and_the_others_are_unchanged():
+    normal = _prototypes()  # 8 faces, one per emotion
+    bad = _degenerate_faces()
+    missing = np.full((68, 2), np.nan)
+    batch = np.stack([normal[0], bad["all_equal"], normal[1], missing, *normal[2:], bad["collinear"]])
+    flags = degenerate_landmarks(batch)
+    assert flags.tolist() == [False, True, False, False] + [False] * 6 + [True]  # missing is not degenerate
+    expected = np.full((len(batch), 8), np.nan)
+    expected[[0, 2, *range(4, 10)]] = au_scores(normal)  # the same numbers as without the bad rows
+    scores = au_scores(batch)
+    np.testing.assert_allclose(scores, expected, atol=1e-12)  # NaN where expected is NaN, equal elsewhere
+    assert np.isfinite(scores[[0, 2, *range(4, 10)]]).all()
+    assert scores[[0, 2, *range(4, 10)]].argmax(1).tolist() == list(range(8))
+    model = ShapeModel.fit(_expression_faces(np.random.default_rng(3), 200, 1.0)[1], 8)
+    features = au_features(batch, shape_model=model)
+    assert np.isnan(features[[1, 3, 10]]).all() and np.isfinite(features[[0, 2, *range(4, 10)]]).all()
+    count, total, _ = shape_moments(batch)
+    reference_count, reference_total, _ = shape_moments(normal)
+    assert count == reference_count == 8
+    np.testing.assert_allclose(total, reference_total)
+
+
+def test_normal_faces_are_not_degenerate_whatever_their_pose_and_scale():
+    rng = np.random.default_rng(4)
+    faces = [_similarity(face, rng.uniform(-40, 40), rng.uniform(1e-3, 1e3), rng.uniform(-500, 500, 2))
+             for face in _prototypes()]  # fmt: skip
+    posed = [render_face(rng, np.eye(8)[k], (60.0, 40.0, 30.0), 256, photometric=False)[1] for k in range(8)]
+    batch = np.stack(faces + posed)
+    assert not degenerate_landmarks(batch).any()
+    assert np.isfinite(au_scores(batch)).all()

@@ -85,8 +85,8 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path
     write_sample(tmp_path / "b", config)
     write_sample(tmp_path / "c", SampleConfig(n=24, seed=12, non_emotion_fraction=0.2, **SMALL))
     a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
-    assert len(a) == 24 + 3 + 1  # images + 3 CSVs + ground truth
-    assert a == b
+    assert len(a) == 24 + 3 + 2  # images + 3 CSVs + ground truth + manifest
+    assert a == b  # the signed manifest too: it holds no time, no path, nothing but the config and the files
     assert set(a) != set(c)  # names derive from the seed
     assert sorted(a.values()) != sorted(c.values())
 

@@ -218,3 +218,41 @@ def test_count_matches_records_for_every_reader(make_affectnet, tmp_path):
         reader = open_source(source, AffectNetPlusConfig(source_format=fmt))
         for split in reader.splits():
             assert reader.count(split) == len(list(reader.records(split))) > 0
+
+
+def test_rejection_details_name_paths_relative_to_the_source(make_affectnet, tmp_path):
+    from builder.images import Rejected
+    from builder.sources import make_example, source_relative
+
+    outside = tmp_path / "outside.jpg"
+    face_image(100, 100).save(outside)
+    root = make_affectnet({"train": [affectnet_row("0/gone.jpg"), affectnet_row(str(outside))]})
+    (root / "Manually_Annotated_Images/0/gone.jpg").unlink()
+    config = AffectNetPlusConfig()
+    (record,), (absolute,) = _items(open_source(root, config), "train")
+    assert record.source_root == str(root.resolve())
+    with pytest.raises(Rejected) as err:
+        make_example(record, config, ("image_id", "image"))
+    assert err.value.detail == "Manually_Annotated_Images/0/gone.jpg"
+    assert absolute.reason == "path_escapes_root" and str(tmp_path) not in absolute.detail
+    assert "'outside.jpg'" in absolute.detail
+
+    release = _release(tmp_path, n=2)
+    (release / "human_annotated/train_set/annotations/img1.json").unlink()
+    (release / "human_annotated/train_set/annotations/img1.json").mkdir()  # unreadable: an OSError names it
+    folder = tmp_path / "fer"
+    (folder / "train/happy").mkdir(parents=True)
+    os.symlink(outside, folder / "train/happy/link.jpg")
+    details = {}
+    for source, fmt, reason in ((release, "affectnet-plus", "malformed_annotation"),
+                                (folder, "imagefolder", "path_escapes_root")):  # fmt: skip
+        _, (rejection,) = _items(open_source(source, AffectNetPlusConfig(source_format=fmt)), "train")
+        assert rejection.reason == reason and str(tmp_path) not in rejection.detail, rejection.detail
+        details[fmt] = rejection.detail
+    assert details["affectnet-plus"].endswith("Is a directory: 'human_annotated/train_set/annotations/img1.json'")
+    assert details["imagefolder"] == "train/happy/link.jpg links outside the source"
+
+    assert source_relative("/data/src/a.jpg and /data/src2/b.jpg and /data/src", "/data/src") == (
+        "a.jpg and /data/src2/b.jpg and ."  # a sibling folder's name is not cut
+    )
+    assert source_relative("nothing to do", "/data/src") == "nothing to do"

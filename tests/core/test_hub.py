@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +173,66 @@ def test_push_model_round_trip(checkpoint, request):
     classify = pipeline("image-classification", model=f"{USER}/expert")
     out = classify(Image.new("RGB", (40, 50), (200, 120, 90)))
     assert {o["label"] for o in out} == {"happy", "not_happy"}
+
+
+def _local_paths(tmp_path, *folders) -> list[str]:
+    """The build machine's absolute paths that a published file must not name."""
+    home = os.path.expanduser("~")
+    paths = {str(tmp_path), *(str(f) for f in folders), *(str(Path(f).resolve()) for f in folders)}
+    return sorted(p for p in paths | {home, os.getcwd()} if len(p) > 1)
+
+
+def _leaks(files: dict[str, dict], needles: list[str]) -> dict[str, list[str]]:
+    """``{pushed file: [paths found in its bytes]}`` for every pushed file that names one."""
+    found = {path: [n for n in needles if n.encode() in f["data"]] for path, f in files.items()}
+    return {path: names for path, names in found.items() if names}
+
+
+def test_pushed_build_names_no_local_path(make_affectnet, tmp_path, request):
+    """A build whose rows are rejected for every file-level reason publishes no path of the build machine."""
+    from affectnet_plus import AffectNetPlusConfig
+    from builder.export import BuildOptions, build
+    from tests.conftest import affectnet_row, face_image
+
+    outside = tmp_path / "outside.jpg"
+    face_image(300, 280).save(outside)
+    rows = [affectnet_row(f"0/ok{i}.jpg", label=i % 8, seed=i) for i in range(4)]
+    rows += [affectnet_row(name) for name in ("0/missing.jpg", "0/truncated.jpg", "0/empty.jpg", "0/text.jpg",
+                                               "0/link.jpg", "../../outside.jpg", str(outside))]  # fmt: skip
+    root = make_affectnet({"train": rows}, root=tmp_path / "src" / "AffectNet")
+    images = root / "Manually_Annotated_Images" / "0"
+    (images / "missing.jpg").unlink()
+    data = (images / "truncated.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "text.jpg").write_text("not an image")
+    (images / "link.jpg").unlink()
+    os.symlink(outside, images / "link.jpg")
+    out = tmp_path / "site" / "affectnet_plus"
+    report = build(root, out, AffectNetPlusConfig(), BuildOptions(progress=False))
+    assert report["written"] == 4 and report["rejected"] == {
+        "empty_file": 1, "missing_file": 1, "not_an_image": 1, "path_escapes_root": 3, "truncated_image": 1}  # fmt: skip
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    details = {r["image_id"] or r["row"]: r["detail"] for r in rejects}
+    assert details["Manually_Annotated_Images/0/missing"] == "Manually_Annotated_Images/0/missing.jpg"
+    assert details["Manually_Annotated_Images/0/truncated"].startswith("Manually_Annotated_Images/0/truncated.jpg: ")
+    hub = request.getfixturevalue("fake_hub")
+
+    push_dataset(out, f"{USER}/clean")
+
+    files = hub.files("dataset", f"{USER}/clean")
+    local = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert set(files) == local  # what the folder holds and nothing else: no work folder, no temporary file
+    assert {"README.md", "build_report.json", "rejects.jsonl"} <= local
+    assert all(p in {"README.md", "build_report.json", "rejects.jsonl"} or p.startswith("data/") for p in local)
+    needles = _local_paths(tmp_path, root, out, outside)
+    assert _leaks(files, needles) == {}
+
+    # Negative control: the same search finds a path once one is planted in a published file.
+    with open(out / "rejects.jsonl", "a") as f:
+        f.write(json.dumps({"detail": str(images / "missing.jpg")}) + "\n")
+    push_dataset(out, f"{USER}/planted")
+    assert set(_leaks(hub.files("dataset", f"{USER}/planted"), needles)) == {"rejects.jsonl"}
 
 
 def test_fake_hub_answers_like_the_hub(built, request):
