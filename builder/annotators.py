@@ -38,6 +38,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -668,7 +669,9 @@ def _safe(annotator: Annotator, images: list, rows: list[dict]) -> list[dict]:
     except Exception as err:
         if len(images) > 1:
             return [_safe(annotator, [image], [row])[0] for image, row in zip(images, rows)]
-        return [{**annotator._missing("error"), "_info": {f"{annotator.name}_error": f"{type(err).__name__}: {err}"}}]
+        # The note is published (metadata_notes.jsonl): keep file names, never this machine's folders.
+        message = re.sub(r"(?:/[^\s/:'\"]+)+/([^\s/:'\"]+)", r"\1", f"{type(err).__name__}: {err}")
+        return [{**annotator._missing("error"), "_info": {f"{annotator.name}_error": message}}]
 
 
 def _merge(into: dict, result: dict) -> None:

@@ -56,7 +56,7 @@ FILES = {
     "gear.json": "d364960439f8ff5d73e5a38e16ffc695a586330f5e03e40b6e0e7a3ec77ff03f",
     "gear.bin": "53ef6bad582dd0a4617908489404866d96593ad11f29dec8f084dacaaf7f9ff6",
 }
-RACE_CLASSES = ("white", "black", "asian", "indian", "other")
+GEAR_ETHNICITY_CLASSES = ("white", "black", "asian", "indian", "other")
 GENDER_CLASSES = ("male", "female")
 AGE_BUCKETS = ("<20", "21-25", "26-30", "31-40", "41-50", "51-60", ">60")
 CROP_BOX = (0.0, 0.10, 0.90, 0.90)  # top, left, bottom, right: the box gear.ts crops from its face tensor
@@ -565,7 +565,7 @@ class GearModel:
                 parts[key].append(
                     (probs[: len(probs) // 2] + probs[len(probs) // 2 :]) / 2 if mirror_average else probs
                 )
-        sizes = {"race": len(RACE_CLASSES), "gender": len(GENDER_CLASSES), "age": len(AGE_BUCKETS)}
+        sizes = {"race": len(GEAR_ETHNICITY_CLASSES), "gender": len(GENDER_CLASSES), "age": len(AGE_BUCKETS)}
         return {k: np.concatenate(v) if v else np.zeros((0, sizes[k]), np.float32) for k, v in parts.items()}
 
 
@@ -583,7 +583,7 @@ def load_model(model_dir: str | Path | None = None, crop_box=CROP_BOX, device: s
 
 
 class GearEthnicityAnnotator:
-    """Fills the ``ethnicity`` column with GEAR's race probabilities (keys ``RACE_CLASSES``).
+    """Fills the ``ethnicity`` column with the probabilities of GEAR's ``race`` head (keys ``GEAR_ETHNICITY_CLASSES``).
 
     Example:
         >>> GearEthnicityAnnotator().annotate([face_224], [{"image_id": "a"}])  # doctest: +SKIP
@@ -615,7 +615,7 @@ class GearEthnicityAnnotator:
             "license": "MIT (package); training data probably UTKFace, non-commercial",
             "source": f"npm:{NPM_ID}",
             "sha256": dict(FILES),
-            "classes": list(RACE_CLASSES),
+            "classes": list(GEAR_ETHNICITY_CLASSES),
             "preprocess": f"cropAndResize box {list(self.crop_box)} (top, left, bottom, right) to {INPUT_SIZE}px, RGB/255"
             + (", averaged with the mirrored face" if self.mirror_average else ""),
         }
@@ -643,7 +643,7 @@ class GearEthnicityAnnotator:
         for i, probs in zip(indices, race):
             if np.all(np.isfinite(probs)) and probs.sum() > 0:
                 probs = probs / probs.sum()  # float32 softmax sums to 1 +- 1e-7; renormalise for the schema check
-                results[i] = {"ethnicity": {c: float(p) for c, p in zip(RACE_CLASSES, probs)}}
+                results[i] = {"ethnicity": {c: float(p) for c, p in zip(GEAR_ETHNICITY_CLASSES, probs)}}
             else:
                 results[i] = {
                     "ethnicity": None,

@@ -315,10 +315,12 @@ def test_an_annotator_that_raises_loses_only_its_bad_rows(crops):
 
         def annotate(self, images, rows):
             if any(row.get("bad") for row in rows):
-                raise RuntimeError("boom")
+                raise RuntimeError(f"boom reading {Path.home() / 'models' / 'age.onnx'}")
             return [{"age": 30.0} for _ in images]
 
     images = [crops["astronaut"]] * 3
     out = run_annotators([Fragile()], images, [{}, {"bad": True}, {}], batch_size=3)
     assert [o["age"] for o in out] == [30.0, None, 30.0]
     assert out[1]["_reasons"] == {"age": "error"} and "boom" in out[1]["_info"]["fragile_error"]
+    # the note is published: the file name stays, this machine's folders go
+    assert out[1]["_info"]["fragile_error"] == "RuntimeError: boom reading age.onnx"

@@ -360,7 +360,7 @@ def test_gear_annotator_structure(gear_dir, faces, mirror_average):
     assert len(batched) == len(faces)
     for row, alone in zip(batched, single):
         probs = np.array([row["ethnicity"][c] for c in ETHNICITY_CLASSES])
-        assert tuple(row["ethnicity"]) == ETHNICITY_CLASSES == gear.RACE_CLASSES
+        assert tuple(row["ethnicity"]) == ETHNICITY_CLASSES == gear.GEAR_ETHNICITY_CLASSES
         assert np.all(np.isfinite(probs)) and np.all(probs >= 0) and abs(probs.sum() - 1) < 1e-6
         np.testing.assert_allclose(probs, [alone["ethnicity"][c] for c in ETHNICITY_CLASSES], atol=1e-5)
 
