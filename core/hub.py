@@ -26,6 +26,7 @@ from core.schema import LABELS_CONFIG, WORK_DIR
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Training state and tracker logs stay local: they are large, and optimizer state is pickled.
 MODEL_IGNORE = ["checkpoints/**", "logs/**"]
+TRAINING_CONFIG = "training_config.json"  # the resolved run config saved next to a checkpoint
 LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
 
 
@@ -177,31 +178,56 @@ def check_model_folder(checkpoint_dir) -> Path:
     return folder
 
 
+def publishable_config(config):
+    """A saved run config with every absolute local path reduced to its last part (data, output and
+    checkpoint folders name this machine's disk; a published file must not). Relative paths and Hub
+    ids stay as they are.
+
+    Example:
+        >>> publishable_config({"data": "/home/me/affectnet_plus", "init_from": "google/vit-base", "seed": 3})
+        {'data': 'affectnet_plus', 'init_from': 'google/vit-base', 'seed': 3}
+    """
+    if isinstance(config, dict):
+        return {key: publishable_config(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [publishable_config(value) for value in config]
+    if isinstance(config, str) and Path(config).is_absolute():
+        return Path(config).name
+    return config
+
+
 def push_model(checkpoint_dir, repo_id: str, private: bool = True, token: str | None = None) -> str:
     """Uploads an expert checkpoint folder as a Hub model in one commit; returns the commit URL.
 
     Pushed: ``model.safetensors``, ``config.json``, ``preprocessor_config.json``, the ``README.md`` card,
-    ``all_results.json``, ``training_config.json``; never ``checkpoints/`` (training state) or ``logs/``.
+    ``all_results.json``, ``training_config.json`` (its local paths reduced by ``publishable_config``);
+    never ``checkpoints/`` (training state) or ``logs/``.
 
     Example:
         >>> push_model("experts/happy-f0", "my-lab/affectnet-plus-happy-f0")  # doctest: +SKIP
         >>> AutoModelForImageClassification.from_pretrained("my-lab/affectnet-plus-happy-f0")  # doctest: +SKIP
     """
-    from huggingface_hub import HfApi
+    import json
+
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = check_model_folder(checkpoint_dir)
     token = _token(token)
     api = HfApi(token=token)
+    operations = []
+    for name in _files(folder):
+        if any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_IGNORE):
+            continue
+        content = str(folder / name)
+        if name == TRAINING_CONFIG:
+            config = publishable_config(json.loads((folder / name).read_text(encoding="utf-8")))
+            content = (json.dumps(config, indent=2) + "\n").encode()
+        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     with _hub_errors(repo_id, "model"):
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.update_repo_settings(repo_id, private=private)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            ignore_patterns=MODEL_IGNORE,
-            commit_message="Upload AffectNet+ expert",
-        )
-    return str(commit)
+        commit = api.create_commit(repo_id, operations, commit_message="Upload AffectNet+ expert")
+    return str(commit.commit_url)
 
 
 def join_labels(labels, images, on: str = "image_id"):

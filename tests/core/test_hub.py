@@ -59,7 +59,8 @@ def checkpoint(tmp_path_factory):
     make_processor(32).save_pretrained(folder)
     (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny expert\n")
     (folder / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.5}))
-    (folder / "training_config.json").write_text(json.dumps({"max_steps": 1}))
+    (folder / "training_config.json").write_text(json.dumps({"data": str(folder.parent / "affectnet_plus"),
+                                                             "train": {"output_dir": str(folder), "max_steps": 1}}))
     (folder / "checkpoints" / "step_1").mkdir(parents=True)
     (folder / "checkpoints" / "step_1" / "optimizer.bin").write_bytes(b"pickled optimizer state")
     (folder / "logs").mkdir()
@@ -164,6 +165,10 @@ def test_push_model_round_trip(checkpoint, request):
                           "all_results.json", "training_config.json"}  # fmt: skip
     assert listing(checkpoint) == before
     assert files["model.safetensors"]["data"] == (checkpoint / "model.safetensors").read_bytes()
+    # the saved run config names folders of this machine: published, they are reduced to their names
+    assert json.loads(files["training_config.json"]["data"]) == {"data": "affectnet_plus",
+                                                                 "train": {"output_dir": "happy-f0", "max_steps": 1}}
+    assert _leaks(files, _local_paths(checkpoint.parent, checkpoint)) == {}
     # transformers 5 renames some keys on load: compare with the same checkpoint loaded from disk.
     remote = AutoModelForImageClassification.from_pretrained(f"{USER}/expert").state_dict()
     loaded = AutoModelForImageClassification.from_pretrained(checkpoint).state_dict()
