@@ -57,26 +57,46 @@ def _table(rows: list[tuple[str, object]], header=("", "")) -> str:
 
 
 def dataset_license(data) -> tuple[dict, str]:
-    """The card license fields and a sentence, inherited from the training data's own card."""
+    """The card license fields and a sentence, inherited from the training data's own card.
+
+    The data's card (``builder.card.render_card``) already decided the license from the source (its
+    format, a license given to the build, or a verified bundled sample); weights trained on it carry
+    the same. AffectNet's research terms are recognised by their ``license_name``; any other ``other``
+    license is passed on with its name and link; a folder without a readable card is ``unknown``.
+    """
     try:
-        card = DatasetCard.load(Path(data) / "README.md")
-        license_id = card.data.get("license") or "unknown"
+        data_card = DatasetCard.load(Path(data) / "README.md").data
     except (OSError, ValueError):
-        license_id = "unknown"
+        data_card = None
+    license_id = (data_card.get("license") if data_card is not None else None) or "unknown"
+    if isinstance(license_id, list):  # a card may list several: the weights carry all of them
+        license_id = license_id[0] if len(license_id) == 1 else "other"
     if license_id == "other":
-        fields = {"license": "other", "license_name": card.data.get("license_name"),
-                  "license_link": card.data.get("license_link")}  # fmt: skip
-        text = (
-            "The weights were trained on AffectNet-derived data, which its license allows for non-commercial "
-            "academic research only; the same terms apply to these weights. Share them only with people who "
-            "hold the AffectNet license (keep Hub repositories private or gated)."
+        name, link = data_card.get("license_name"), data_card.get("license_link")
+        fields = {"license": "other", "license_name": name, "license_link": link}
+        if name == "affectnet-research":
+            text = (
+                "The weights were trained on AffectNet-derived data, which its license allows for non-commercial "
+                "academic research only; the same terms apply to these weights. Share them only with people who "
+                "hold the AffectNet license (keep Hub repositories private or gated)."
+            )
+        else:
+            text = (
+                f"Inherited from the training data, whose license is `{name or 'other'}`"
+                + (f" ({link})" if link else "")
+                + ": its terms apply to these weights too."
+            )
+        return {k: v for k, v in fields.items() if v is not None}, text
+    if license_id == "unknown":
+        return {"license": "unknown"}, (
+            "The training data's license is unknown (its card does not state one): these weights carry that "
+            "data's license, so state it here before publishing them."
         )
-        return fields, text
     return {"license": license_id}, f"Inherited from the training data: `{license_id}`."
 
 
 def expert_card(config, results: dict) -> ModelCard:
-    """The model card of one expert from its ``ExpertConfig`` and the results of ``fit``."""
+    """The model card of one expert from its ``ExpertConfig`` and its training results."""
     dataset = Path(config.data).name
     evals = []
     for split in ("validation", "heldout"):

@@ -1,4 +1,4 @@
-"""Training data for the experts: folds, one-vs-rest sampling, and a dataset of decoded faces.
+"""Training data: folds, the experts' one-vs-rest sampling, shuffled rows, and a dataset of decoded faces.
 
 Rows come from a built AffectNet+ folder (``affectnet-plus build``). A row's fold is a stable hash
 of its ``image_id``, the same in every process and every run, so cross-fitting (``docs/method.md`` §3) never
@@ -65,7 +65,7 @@ class FaceDataset(torch.utils.data.Dataset):
 
 
 class OneVsRestSampler(torch.utils.data.Sampler):
-    """Balanced one-vs-rest epochs for the expert of emotion ``emotion`` (DESIGN §5.1).
+    """Balanced one-vs-rest epochs for the expert of emotion ``emotion`` (``docs/method.md`` §2).
 
     Each epoch yields every positive row (``label == emotion``) among ``rows`` and as many negatives,
     drawn without replacement and evenly from the other seven emotions (a class with too few rows

@@ -1,8 +1,9 @@
-"""The one-vs-rest ViT experts whose predictions become the soft labels (DESIGN §5, steps 1-2).
+"""The one-vs-rest ViT experts whose predictions become the soft labels (``docs/method.md`` §2, §3).
 
 An expert f_k(x) = P(emotion k present | x) is a ``transformers`` ``ViTForImageClassification`` with
 two labels, ``not_<emotion>`` and ``<emotion>``. It is trained on balanced one-vs-rest epochs of the
-rows outside its fold, so that it can later score its own fold without having seen it.
+rows outside its fold, so that it can later score its own fold without having seen it. ``ExpertTask`` is
+what an expert brings to the shared trainer (``models.training.train``).
 
 Example:
     >>> from models.expert import ExpertConfig, make_expert
@@ -13,28 +14,19 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
-from transformers import ViTConfig, ViTForImageClassification
 
-from core.hub import PICKLE_SUFFIXES  # one list of the weight formats that unpickle
 from core.schema import EMOTIONS, folds
+from models import training
 from models.losses import balanced_cross_entropy
 from models.metrics import binary_metrics
-from models.training import TrainConfig, fit, make_accelerator, make_loader, make_train_loader
-from models.transforms import HALF, AugmentConfig, BatchTransform
-
-# tiny: random init, small images: the tests and the CPU demo. base: ViT-B/16 at 224 px.
-PRESETS = {
-    "tiny": dict(image_size=64, patch_size=8, hidden_size=96, num_hidden_layers=3, num_attention_heads=3,
-                 intermediate_size=192),
-    "base": dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072),
-}  # fmt: skip
+from models.training import RESULTS_FILE, Evaluation, ModelConfig, Task, TrainConfig, TrainingSet, write_json_atomic
+from models.transforms import AugmentConfig
+from models.vit import PRESETS, check_safetensors, make_processor, make_vit  # noqa: F401  (re-exported)
 
 
 def emotion_index(emotion: str) -> int:
@@ -49,98 +41,9 @@ def expert_labels(emotion: str) -> dict[int, str]:
     return {0: f"not_{emotion}", 1: emotion}
 
 
-def check_safetensors(init_from: str) -> None:
-    """A local ``--init-from`` folder must hold safetensors weights: pickles are never loaded."""
-    path = Path(init_from)
-    if not path.exists():
-        return  # a Hub id: from_pretrained(use_safetensors=True) refuses pickle-only repositories
-    if not path.is_dir():
-        raise ValueError(f"--init-from {init_from} must be a model folder or a Hub id, not a file")
-    if any(path.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ValueError(
-            f"--init-from {init_from} holds only pickle weights ({', '.join(pickles)}); only safetensors are "
-            "loaded. Convert once where you trust the file: model.save_pretrained(dir) writes model.safetensors"
-        )
-    raise ValueError(f"--init-from {init_from} holds no model weights (no *.safetensors)")
-
-
-def make_vit(id2label: dict[int, str], problem_type: str = "single_label_classification", preset: str = "tiny",
-             init_from: str | None = None, image_size: int | None = None):  # fmt: skip
-    """A ``ViTForImageClassification`` with the head ``id2label``: from a preset (random init) or from a
-    pretrained ViT (safetensors only; its head is replaced). Every model the project trains is one.
-
-    Args:
-        id2label: the outputs' names; ``problem_type``: ``single_label_classification`` or ``regression``.
-        preset: ``tiny`` or ``base`` (architecture when ``init_from`` is not given).
-        init_from: a local folder or Hub id of a ViT checkpoint.
-        image_size: input side in pixels; must be a multiple of the patch size (and the checkpoint's).
-
-    Example:
-        >>> make_vit({0: "valence", 1: "arousal"}, "regression").config.num_labels
-        2
-    """
-    labels = dict(id2label=id2label, label2id={v: k for k, v in id2label.items()}, num_labels=len(id2label))
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if init_from:
-        check_safetensors(init_from)
-        config = ViTConfig.from_pretrained(init_from)
-    else:
-        config = ViTConfig(**PRESETS[preset])
-    image_size = image_size or config.image_size
-    if image_size % config.patch_size:
-        raise ValueError(f"image size {image_size} is not a multiple of the patch size {config.patch_size}")
-    if init_from and image_size != config.image_size:
-        raise ValueError(f"{init_from} was trained at {config.image_size} px; --image-size {image_size} differs")
-    config.image_size = image_size
-    config.update({**labels, "problem_type": problem_type})
-    if init_from:
-        return ViTForImageClassification.from_pretrained(
-            init_from, config=config, ignore_mismatched_sizes=True, use_safetensors=True
-        )
-    return ViTForImageClassification(config)
-
-
 def make_expert(emotion: str, preset: str = "tiny", init_from: str | None = None, image_size: int | None = None):
     """A two-label ViT expert for ``emotion`` (``not_<emotion>`` / ``<emotion>``); see ``make_vit``."""
     return make_vit(expert_labels(emotion), "single_label_classification", preset, init_from, image_size)
-
-
-def make_processor(image_size: int, mean=HALF, std=HALF):
-    """The image processor saved next to a checkpoint, so ``pipeline("image-classification")`` works."""
-    try:  # the PIL processor needs no torchvision; the class name saved is ViTImageProcessor either way
-        from transformers import ViTImageProcessorPil as Processor
-    except ImportError:
-        from transformers import ViTImageProcessor as Processor
-    return Processor(size={"height": image_size, "width": image_size}, image_mean=list(mean), image_std=list(std))
-
-
-@dataclass
-class ModelConfig:
-    """What every model the project trains takes: data, optimisation, and the ViT to build (``make_vit``).
-
-    Args:
-        data: a built AffectNet+ folder (``affectnet-plus build``) with ``train`` (and ``validation``).
-        train: the optimisation settings.
-        preset, init_from, image_size: see ``make_vit``.
-        push_to_hub: a Hub repository to push the finished checkpoint to (main process only).
-        augment: the on-device augmentation of training batches.
-    """
-
-    data: str
-    train: TrainConfig
-    preset: str = "tiny"
-    init_from: str | None = None
-    image_size: int | None = None
-    push_to_hub: str | None = None
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
 
 
 @dataclass(kw_only=True)
@@ -148,11 +51,12 @@ class ExpertConfig(ModelConfig):
     """One expert: ``ModelConfig`` plus its emotion and fold.
 
     Args:
-        emotion: the expert's emotion, one of ``EMOTIONS``.
-        fold, num_folds: the expert trains on train rows whose fold is not ``fold``.
+        emotion: the expert's emotion, one of the 8 of the soft labels.
+        fold: the fold this expert never sees: it trains on the train rows of the other folds.
+        num_folds: cross-fitting folds K (a row's fold is sha1(image_id) mod K).
     """
 
-    emotion: str
+    emotion: str = field(metadata={"choices": EMOTIONS})
     fold: int = 0
     num_folds: int = 5
 
@@ -169,106 +73,69 @@ def _expert_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:
     return binary_metrics(logits.softmax(-1)[:, 1], targets)
 
 
-def _processor_stats(init_from: str | None) -> tuple[tuple, tuple]:
-    if init_from:
-        try:
-            from transformers import AutoImageProcessor
+class ExpertTask(Task):
+    """An expert for ``models.training.train``: balanced one-vs-rest epochs of the rows outside its fold
+    (``OneVsRestSampler``), class-balanced cross-entropy, AUROC / balanced accuracy / ECE on its held-out
+    fold and on the validation split, and the expert card."""
 
-            processor = AutoImageProcessor.from_pretrained(init_from)
-            return tuple(processor.image_mean), tuple(processor.image_std)
-        except (OSError, ValueError):
-            pass  # no processor saved with the checkpoint: ViT's usual 0.5/0.5
-    return HALF, HALF
+    def __init__(self, config: ExpertConfig):
+        super().__init__(config)
+        self.emotion = emotion_index(config.emotion)
+        self.name = f"expert-{config.emotion}-f{config.fold}"
+        self._train_folds: np.ndarray | None = None
+
+    def _folds(self, split) -> np.ndarray:
+        """Each train row's fold (computed once: it hashes every image_id)."""
+        if self._train_folds is None:
+            self._train_folds = folds(split["image_id"], self.config.num_folds)
+        return self._train_folds
+
+    def make_model(self):
+        c = self.config
+        return make_expert(c.emotion, c.preset, c.init_from, c.image_size)
+
+    def training_set(self, splits) -> TrainingSet:
+        from models.data import OneVsRestSampler
+
+        split, c = splits["train"], self.config
+        labels = np.asarray(split["human_label"])
+        sampler = OneVsRestSampler(labels, np.flatnonzero(self._folds(split) != c.fold), self.emotion, c.train.seed)
+        rows = {"positives": len(sampler.positives), "negatives_per_epoch": sampler.num_negatives}
+        info = dict(emotion=c.emotion, fold=c.fold, num_folds=c.num_folds, train_rows=rows)
+        return TrainingSet(split, (labels == self.emotion).astype(np.int64), sampler, info)
+
+    def evaluations(self, splits) -> dict[str, Evaluation]:
+        split, c = splits["train"], self.config
+        labels, fold = np.asarray(split["human_label"]), self._folds(split)
+        targets = (labels == self.emotion).astype(np.int64)
+        sets = {}
+        heldout = np.flatnonzero((fold == c.fold) & (labels < len(EMOTIONS)))
+        if len(heldout):
+            sets["heldout"] = Evaluation(split, targets, heldout, _expert_metrics)
+        if "validation" in splits:
+            val_labels = np.asarray(splits["validation"]["human_label"])
+            val_rows = np.flatnonzero(val_labels < len(EMOTIONS))
+            if len(val_rows):
+                val_targets = (val_labels == self.emotion).astype(np.int64)
+                sets["validation"] = Evaluation(splits["validation"], val_targets, val_rows, _expert_metrics)
+        return sets
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return balanced_cross_entropy(logits, targets)
+
+    def card(self, results: dict):
+        from models.cards import expert_card
+
+        return expert_card(self.config, results)
 
 
 def train_expert(config: ExpertConfig) -> dict:
-    """Trains one expert and writes its checkpoint folder; returns its results.
+    """Trains one expert and writes its checkpoint folder (see ``models.training.train``); returns its results.
 
-    The folder (``config.train.output_dir``) holds ``model.safetensors``, ``config.json``,
-    ``preprocessor_config.json``, ``training_config.json``, ``all_results.json`` and ``README.md``
-    (the model card). Every bad input raises a ``ValueError`` before the first training step.
+    Example:
+        >>> train_expert(ExpertConfig(data="affectnet_plus", emotion="happy", train=TrainConfig("happy-f0")))  # doctest: +SKIP
     """
-    from models.cards import expert_card
-    from models.data import FaceDataset, OneVsRestSampler, load_splits
-
-    train = config.train
-    accelerator = make_accelerator(train)
-    set_seed(train.seed)
-    emotion = emotion_index(config.emotion)
-    model = make_expert(config.emotion, config.preset, config.init_from, config.image_size)
-    image_size = model.config.image_size
-    mean, std = _processor_stats(config.init_from)
-
-    with accelerator.main_process_first():  # one process builds the datasets cache, the others reuse it
-        splits = load_splits(config.data)
-    if "train" not in splits:
-        raise ValueError(f"{config.data} has no train split (splits: {', '.join(splits)})")
-    train_split, validation_split = splits["train"], splits.get("validation")
-    labels = np.asarray(train_split["human_label"])
-    fold = folds(train_split["image_id"], config.num_folds)
-    rows = np.flatnonzero(fold != config.fold)
-    sampler = OneVsRestSampler(labels, rows, emotion, seed=train.seed)
-    targets = (labels == emotion).astype(np.int64)
-    train_data = FaceDataset(train_split, targets, image_size)
-    heldout = np.flatnonzero((fold == config.fold) & (labels < len(EMOTIONS)))
-    eval_loaders = {}
-    if len(heldout):
-        eval_loaders["heldout"] = make_loader(
-            torch.utils.data.Subset(train_data, heldout.tolist()), train.eval_batch_size, num_workers=train.num_workers
-        )
-    if validation_split is not None:
-        val_labels = np.asarray(validation_split["human_label"])
-        val_data = FaceDataset(validation_split, (val_labels == emotion).astype(np.int64), image_size)
-        val_rows = np.flatnonzero(val_labels < len(EMOTIONS)).tolist()
-        if val_rows:
-            eval_loaders["validation"] = make_loader(
-                torch.utils.data.Subset(val_data, val_rows), train.eval_batch_size, num_workers=train.num_workers
-            )
-    train_loader = make_train_loader(train_data, sampler, train, accelerator)
-    transform = BatchTransform(image_size, mean, std, augment=config.augment)
-
-    if train.report_to != "none":
-        accelerator.init_trackers(f"expert-{config.emotion}-f{config.fold}", config=_flat(asdict(config)))
-    model, results = fit(
-        accelerator, model, transform, train_loader, eval_loaders, balanced_cross_entropy, _expert_metrics, train
-    )
-    results.update(emotion=config.emotion, fold=config.fold, num_folds=config.num_folds, image_size=image_size)
-    results.update(image_mean=list(mean), image_std=list(std))
-    results["train_rows"] = {"positives": len(sampler.positives), "negatives_per_epoch": sampler.num_negatives}
-
-    save_checkpoint(accelerator, model, config, results, expert_card(config, results))
-    return results
-
-
-def save_checkpoint(accelerator, model, config, results: dict, card) -> None:
-    """Writes a trained checkpoint folder (main process) and ends the run: the model, its image
-    processor, ``training_config.json``, ``all_results.json`` and the model card; pushes it if asked."""
-    out = Path(config.train.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, is_main_process=True, save_function=accelerator.save)
-        make_processor(results["image_size"], results["image_mean"], results["image_std"]).save_pretrained(out)
-        (out / "training_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        card.save(out / "README.md")
-        if config.push_to_hub:
-            from core.hub import push_model
-
-            push_model(out, config.push_to_hub)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    accelerator.free_memory()
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    """Trackers take flat scalars: nested dataclasses become dotted keys, None becomes a string."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+    return training.train(ExpertTask(config))
 
 
 def train_experts(
@@ -280,37 +147,40 @@ def train_experts(
     init_from: str | None = None,
     image_size: int | None = None,
     emotions: tuple[str, ...] = EMOTIONS,
+    augment: AugmentConfig | None = None,
 ) -> dict:
     """Trains every (emotion, fold) expert into ``output_dir/<emotion>-f<fold>`` and writes the manifest.
 
-    ``output_dir/manifest.json`` lists ``{emotion, fold, path, metrics}`` per expert, ``path`` relative
-    to the manifest. An expert whose folder already holds ``all_results.json`` is not trained again,
-    so an interrupted run continues where it stopped.
-    """
-    from dataclasses import replace
+    ``output_dir/manifest.json`` (written atomically, after every expert) lists ``{emotion, fold, path,
+    metrics}`` per expert, ``path`` relative to the manifest; ``output_dir/training_config.json`` records
+    these arguments. An expert whose folder already holds ``all_results.json`` (written last, when the
+    folder is complete) is not trained again, so an interrupted run continues where it stopped.
 
+    Example:
+        >>> train_experts("affectnet_plus", "experts", TrainConfig("experts"), num_folds=5)  # doctest: +SKIP
+    """
     output_dir = Path(output_dir)
+    augment = augment or AugmentConfig()
+    settings = dict(data=str(data), num_folds=num_folds, preset=preset, init_from=init_from, image_size=image_size,
+                    emotions=list(emotions), train=asdict(replace(train, output_dir=str(output_dir))),
+                    augment=asdict(augment))  # fmt: skip
     entries = []
     for emotion in emotions:
         for fold in range(num_folds):
             folder = output_dir / f"{emotion}-f{fold}"
-            results_file = folder / "all_results.json"
+            results_file = folder / RESULTS_FILE
             if not results_file.is_file():
                 config = ExpertConfig(
-                    data=data,
-                    emotion=emotion,
-                    fold=fold,
-                    num_folds=num_folds,
-                    preset=preset,
-                    init_from=init_from,
-                    image_size=image_size,
-                    train=replace(train, output_dir=str(folder)),
-                )
+                    data=data, emotion=emotion, fold=fold, num_folds=num_folds, preset=preset, init_from=init_from,
+                    image_size=image_size, augment=augment, train=replace(train, output_dir=str(folder)),
+                )  # fmt: skip
                 train_expert(config)
             results = json.loads(results_file.read_text())
             metrics = {k: v for k, v in results.items() if k.startswith(("validation_", "heldout_"))}
             entries.append({"emotion": emotion, "fold": fold, "path": folder.name, "metrics": metrics})
     manifest = {"data": str(data), "num_folds": num_folds, "preset": preset, "init_from": init_from, "experts": entries}
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    settings["train"]["resume_from_checkpoint"] = None
+    write_json_atomic(output_dir / "training_config.json", settings)
+    write_json_atomic(output_dir / "manifest.json", manifest)
     return manifest

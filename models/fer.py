@@ -2,9 +2,9 @@
 
 Hard-FER learns the annotator's ``human_label`` (cross-entropy); Soft-FER learns the ``soft_label``
 distribution (``soft_cross_entropy``). Both have 8 classes, or 7 without contempt (code 7; the soft
-labels are renormalised over the other 7). They train with the experts' Accelerate loop
-(``models.training.fit``) on the train rows whose human label is one of the classes and are evaluated
-on the validation split by ``models.metrics.fer_metrics``: top-1/top-2 accuracy, macro-F1, Cohen's
+labels are renormalised over the other 7). Each is a task of the project's one trainer (``FERTask`` for
+``models.training.train``, the experts' Accelerate loop), trained on the train rows whose human label is
+one of the classes and evaluated on the validation split by ``models.metrics.fer_metrics``: top-1/top-2 accuracy, macro-F1, Cohen's
 kappa, ECE, KL/JS divergence to the soft labels, and top-1 accuracy per subset and demographic group.
 The checkpoint is a regular ``ViTForImageClassification`` folder labelled with the emotion names.
 
@@ -20,22 +20,21 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from core.schema import EMOTIONS, SUBSETS
+from models import training
 from models.cards import _table, dataset_license
-from models.expert import ModelConfig, _flat, _processor_stats, make_vit, save_checkpoint
 from models.losses import soft_cross_entropy
 from models.metrics import age_bucket, fer_metrics
-from models.training import fit, make_accelerator, make_loader, make_train_loader
-from models.transforms import BatchTransform
+from models.training import Evaluation, ModelConfig, Task, TrainingSet
+from models.vit import make_vit
 
 TARGETS = ("hard", "soft")
 NUM_CLASSES = (8, 7)
@@ -55,10 +54,15 @@ def class_names(num_classes: int) -> tuple[str, ...]:
 
 @dataclass
 class FERConfig(ModelConfig):
-    """One FER baseline: ``ModelConfig`` plus the target (``hard``/``soft``) and the classes (8/7)."""
+    """One FER baseline: ``ModelConfig`` plus the target and the classes.
 
-    target: str = "hard"
-    num_classes: int = 8
+    Args:
+        target: ``hard`` learns the human label (cross-entropy), ``soft`` the soft label (soft cross-entropy).
+        num_classes: 8, or 7 without contempt (the soft labels renormalised over the other 7).
+    """
+
+    target: str = field(default="hard", metadata={"choices": TARGETS})
+    num_classes: int = field(default=8, metadata={"choices": NUM_CLASSES})
 
     def __post_init__(self):
         super().__post_init__()
@@ -111,7 +115,7 @@ def demographic_groups(split) -> dict[str, list]:
 
 
 class ValidationMetrics:
-    """``evaluate_fn`` of ``fit`` for a validation loader whose targets are row indices: it looks up the
+    """The ``metrics`` of the validation ``Evaluation``, whose targets are row indices: it looks up the
     human labels, soft labels and groups of the gathered rows, so the loop's own evaluation (gathered
     across processes, padding dropped, any order) computes the full breakdown."""
 
@@ -131,82 +135,82 @@ class ValidationMetrics:
         )
 
 
-def _hard_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels.long())
+class FERTask(Task):
+    """A FER baseline for ``models.training.train``: the train rows whose human label is one of the classes
+    (soft: that also have a soft label), shuffled each epoch; cross-entropy or soft cross-entropy; the
+    ``fer_metrics`` breakdown on the validation split; the Hard-/Soft-FER card. Its extra file is
+    ``validation_predictions.npz`` (the last evaluation's probabilities and labels, for
+    ``affectnet-plus report --baselines``)."""
+
+    def __init__(self, config: FERConfig):
+        super().__init__(config)
+        self.name = f"fer-{config.target}-{config.num_classes}"
+        self.validation: ValidationMetrics | None = None
+
+    def make_model(self):
+        c = self.config
+        return make_classifier(c.num_classes, c.preset, c.init_from, c.image_size)
+
+    def training_set(self, splits) -> TrainingSet:
+        from models.data import ShuffledRows
+
+        c, split = self.config, splits["train"]
+        if c.target == "soft" and "soft_label" not in split.column_names:
+            raise ValueError(
+                f"{c.data} has no soft_label column, which --target soft learns: build it with experts "
+                "(affectnet-plus build SRC --experts manifest.json) or use --target hard"
+            )
+        labels = np.asarray(split["human_label"], dtype=np.int64)
+        usable = labels < c.num_classes  # drops none/uncertain/non-face (8-10), and contempt for 7 classes
+        if c.target == "soft":
+            targets = soft_targets(split, c.num_classes)
+            usable &= np.isfinite(targets).all(1)
+            targets = np.nan_to_num(targets)  # rows never drawn, but the dataset holds a target for each
+        else:
+            targets = labels
+        rows = np.flatnonzero(usable)
+        if len(rows) == 0:
+            raise ValueError(f"no train row of {c.data} has a human label among {', '.join(class_names(c.num_classes))}")
+        info = dict(target=c.target, num_classes=c.num_classes, classes=list(class_names(c.num_classes)),
+                    train_rows=int(len(rows)))  # fmt: skip
+        return TrainingSet(split, targets, ShuffledRows(rows, c.train.seed), info)
+
+    def evaluations(self, splits) -> dict[str, Evaluation]:
+        if "validation" not in splits:
+            return {}
+        split = splits["validation"]
+        labels = np.asarray(split["human_label"], dtype=np.int64)
+        rows = np.flatnonzero(labels < self.config.num_classes)
+        if not len(rows):
+            return {}
+        soft = soft_targets(split, self.config.num_classes) if "soft_label" in split.column_names else None
+        self.validation = ValidationMetrics(labels, soft, demographic_groups(split))
+        # Row indices as targets: the metrics find each row's labels and groups whatever the order.
+        return {"validation": Evaluation(split, np.arange(len(split), dtype=np.int64), rows, self.validation)}
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.config.target == "soft":
+            return soft_cross_entropy(logits, targets)
+        return F.cross_entropy(logits.float(), targets.long())
+
+    def card(self, results: dict) -> ModelCard:
+        return fer_card(self.config, results)
+
+    def write_extras(self, out: Path) -> None:
+        # Predictions on the validation split, so that `affectnet-plus report --baselines` can draw confusion
+        # matrices and reliability diagrams without running the models again.
+        if self.validation is not None and self.validation.last:
+            np.savez_compressed(out / "validation_predictions.npz", **self.validation.last)
 
 
 def train_fer(config: FERConfig) -> dict:
-    """Trains one FER baseline and writes its checkpoint folder; returns its results.
+    """Trains one FER baseline and writes its checkpoint folder (see ``models.training.train``); returns its
+    results, whose ``validation_*`` keys are the metrics of ``fer_metrics``.
 
-    The folder (``config.train.output_dir``) holds the model (``pipeline("image-classification")``
-    loads it), ``preprocessor_config.json``, ``training_config.json``, ``all_results.json`` (the
-    ``validation_*`` metrics of ``fer_metrics``) and the model card. Bad input raises ``ValueError``
-    before the first step: no train split, ``soft`` without a ``soft_label`` column, no usable row.
+    Bad input raises ``ValueError`` before the first step: no train split, ``soft`` without a
+    ``soft_label`` column, no usable row.
     """
-    from models.data import FaceDataset, ShuffledRows, load_splits
-
-    train = config.train
-    accelerator = make_accelerator(train)
-    set_seed(train.seed)
-    model = make_classifier(config.num_classes, config.preset, config.init_from, config.image_size)
-    image_size = model.config.image_size
-    mean, std = _processor_stats(config.init_from)
-    with accelerator.main_process_first():
-        splits = load_splits(config.data)
-    if "train" not in splits:
-        raise ValueError(f"{config.data} has no train split (splits: {', '.join(splits)})")
-    has_soft = "soft_label" in splits["train"].column_names
-    if config.target == "soft" and not has_soft:
-        raise ValueError(
-            f"{config.data} has no soft_label column, which --target soft learns: build it with experts "
-            "(affectnet-plus build SRC --experts manifest.json) or use --target hard"
-        )
-
-    train_split = splits["train"]
-    labels = np.asarray(train_split["human_label"], dtype=np.int64)
-    usable = labels < config.num_classes  # drops none/uncertain/non-face (8-10), and contempt for 7 classes
-    if config.target == "soft":
-        targets = soft_targets(train_split, config.num_classes)
-        usable &= np.isfinite(targets).all(1)
-        targets = np.nan_to_num(targets)  # rows never drawn, but the dataset holds a target for each
-    else:
-        targets = labels
-    rows = np.flatnonzero(usable)
-    if len(rows) == 0:
-        raise ValueError(
-            f"no train row of {config.data} has a human label among {', '.join(class_names(config.num_classes))}"
-        )
-    train_data = FaceDataset(train_split, targets, image_size)
-
-    eval_loaders, evaluate_fn = {}, None
-    if "validation" in splits:
-        split = splits["validation"]
-        val_labels = np.asarray(split["human_label"], dtype=np.int64)
-        val_rows = np.flatnonzero(val_labels < config.num_classes)
-        if len(val_rows):
-            soft = soft_targets(split, config.num_classes) if "soft_label" in split.column_names else None
-            evaluate_fn = ValidationMetrics(val_labels, soft, demographic_groups(split))
-            # Row indices as targets: the metrics find each row's labels and groups whatever the order.
-            val_data = FaceDataset(split, np.arange(len(split), dtype=np.int64), image_size)
-            eval_loaders["validation"] = make_loader(
-                torch.utils.data.Subset(val_data, val_rows.tolist()), train.eval_batch_size,
-                num_workers=train.num_workers,
-            )  # fmt: skip
-    train_loader = make_train_loader(train_data, ShuffledRows(rows, train.seed), train, accelerator)
-    transform = BatchTransform(image_size, mean, std, augment=config.augment)
-    loss_fn = soft_cross_entropy if config.target == "soft" else _hard_loss
-    if train.report_to != "none":
-        accelerator.init_trackers(f"fer-{config.target}-{config.num_classes}", config=_flat(asdict(config)))
-    model, results = fit(accelerator, model, transform, train_loader, eval_loaders, loss_fn, evaluate_fn, train)
-    results.update(target=config.target, num_classes=config.num_classes, classes=list(class_names(config.num_classes)))
-    results.update(image_size=image_size, image_mean=list(mean), image_std=list(std), train_rows=int(len(rows)))
-    if evaluate_fn is not None and evaluate_fn.last and accelerator.is_main_process:
-        # Predictions on the validation split, so that `affectnet-plus report --baselines` can draw confusion
-        # matrices and reliability diagrams without running the models again.
-        Path(train.output_dir).mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(Path(train.output_dir) / "validation_predictions.npz", **evaluate_fn.last)
-    save_checkpoint(accelerator, model, config, results, fer_card(config, results))
-    return results
+    return training.train(FERTask(config))
 
 
 CARD = """---

@@ -1,4 +1,4 @@
-"""Cross-fitted expert scores for every row of a built dataset (DESIGN §5, step 2).
+"""Cross-fitted expert probabilities for every row of a built dataset (``docs/method.md`` §3).
 
 A train row in fold j is scored by the fold-j expert of each emotion, the one that never saw it;
 validation and unlabeled rows by the mean over the K experts of each emotion. Rows are cut into
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,10 @@ from transformers import AutoImageProcessor, ViTForImageClassification
 
 from core.schema import EMOTIONS, folds
 from models.data import FaceDataset, load_splits
-from models.expert import check_safetensors, expert_labels
+from models.expert import expert_labels
 from models.training import make_loader
 from models.transforms import BatchTransform
+from models.vit import check_safetensors
 
 SCORES_SCHEMA = pa.schema([("image_id", pa.string()), ("expert_probs", pa.list_(pa.float32(), len(EMOTIONS)))])
 
@@ -56,7 +57,7 @@ class LabelConfig:
     batch_size: int = 256
     num_workers: int = 4
     shard_rows: int = 8192
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16")})
 
     def __post_init__(self):
         if self.batch_size < 1 or self.shard_rows < 1 or self.num_workers < 0:

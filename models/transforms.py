@@ -3,9 +3,9 @@
 The pipeline has two stages. ``decode_image`` runs per example in the DataLoader workers and does
 nothing but turn stored JPEG/PNG bytes into a uint8 tensor at the model's size. ``BatchTransform``
 runs per batch on the training device: augmentation (one affine ``grid_sample`` for random-resized
-crop, flip and rotation, then colour jitter) and normalisation. Its randomness comes from torch's
-RNG on the batch's device, which accelerate's ``save_state``/``load_state`` capture, so a resumed run
-draws the same augmentations as an uninterrupted one.
+crop, flip and rotation, then colour jitter) and normalisation. Its randomness comes from the generator
+it is given (the trainer's ``models.training.AugmentRNG``, whose state every training checkpoint holds), so
+a resumed run draws the same augmentations as an uninterrupted one.
 
 Example:
     >>> import torch
@@ -106,6 +106,15 @@ def _check_range(name: str, value: tuple[float, float], low: float, high: float)
 @dataclass
 class AugmentConfig:
     """Training augmentation strengths for ``BatchTransform``; the defaults suit 224 px face crops.
+
+    Args:
+        scale: random-resized-crop area range (min max), as a fraction of the image.
+        ratio: random-resized-crop aspect ratio range (min max, width / height), sampled log-uniformly.
+        hflip: probability of a horizontal flip.
+        rotation: maximum rotation in degrees; uniform in [-rotation, rotation], positive is counter-clockwise.
+        brightness: colour jitter: the brightness factor is uniform in [1 - s, 1 + s].
+        contrast: colour jitter: the contrast factor is uniform in [1 - s, 1 + s].
+        saturation: colour jitter: the saturation factor is uniform in [1 - s, 1 + s].
 
     Example:
         >>> AugmentConfig(rotation=0.0, hflip=0.0).scale

@@ -1,10 +1,11 @@
 """A valence/arousal regressor: a ViT with a 2-output head, for sources that lack valence and arousal.
 
-It is trained with the experts' Accelerate loop (``models.training.fit``) on the train rows that have
-both values (AffectNet's, in [-1, 1]), with mean squared error, and evaluated on the validation split
-by CCC and RMSE. The checkpoint is a regular ``transformers`` folder (``ViTForImageClassification``,
-``problem_type="regression"``, labels ``valence`` / ``arousal``); the build's
-``builder.va_annotator.ValenceArousalAnnotator`` runs it on the crops of sources without valence/arousal.
+It is a task of the project's one trainer (``RegressorTask`` for ``models.training.train``, the experts'
+Accelerate loop): trained on the train rows that have both values (AffectNet's, in [-1, 1]) with mean
+squared error, and evaluated on the validation split by CCC and RMSE. The checkpoint is a regular
+``transformers`` folder (``ViTForImageClassification``, ``problem_type="regression"``, labels
+``valence`` / ``arousal``); the build's ``builder.va_annotator.ValenceArousalAnnotator`` runs it on the
+crops of sources without valence/arousal.
 
 Example:
     >>> from models.training import TrainConfig
@@ -14,26 +15,25 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
 from huggingface_hub import ModelCard, ModelCardData
 
+from models import training
 from models.cards import _table, dataset_license
-from models.expert import ModelConfig, _flat, _processor_stats, make_vit, save_checkpoint
 from models.metrics import valence_arousal_metrics
-from models.training import fit, make_accelerator, make_loader, make_train_loader
-from models.transforms import BatchTransform
+from models.training import Evaluation, ModelConfig, Task, TrainingSet
+from models.vit import make_vit
 
 VA_LABELS = {0: "valence", 1: "arousal"}
 
 
 @dataclass
 class RegressorConfig(ModelConfig):
-    """The valence/arousal regressor: data, architecture (as the experts') and optimisation settings."""
+    """The valence/arousal regressor: ``ModelConfig`` as it is (data, architecture, optimisation)."""
 
 
 def make_regressor(preset: str = "tiny", init_from: str | None = None, image_size: int | None = None):
@@ -47,53 +47,50 @@ def _targets(split) -> tuple[np.ndarray, np.ndarray]:
     return values.astype(np.float32), np.flatnonzero(np.isfinite(values).all(1))
 
 
-def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.mse_loss(outputs.float(), targets.float())
-
-
 def _metrics(outputs: torch.Tensor, targets: torch.Tensor) -> dict:
     return valence_arousal_metrics(outputs.clamp(-1, 1), targets)
 
 
+class RegressorTask(Task):
+    """The regressor for ``models.training.train``: the train rows with valence and arousal, shuffled each
+    epoch; mean squared error; CCC and RMSE on the validation rows that have both; the regressor card.
+    The augmentation is the experts' (flips keep valence and arousal)."""
+
+    name = "valence-arousal"
+    columns = ("image_id", "image", "valence", "arousal")
+
+    def make_model(self):
+        c = self.config
+        return make_regressor(c.preset, c.init_from, c.image_size)
+
+    def training_set(self, splits) -> TrainingSet:
+        from models.data import ShuffledRows
+
+        targets, rows = _targets(splits["train"])
+        if len(rows) == 0:
+            raise ValueError(f"no train row of {self.config.data} has both valence and arousal: nothing to learn")
+        sampler = ShuffledRows(rows, self.config.train.seed)
+        return TrainingSet(splits["train"], targets, sampler, {"train_rows": int(len(rows))})
+
+    def evaluations(self, splits) -> dict[str, Evaluation]:
+        if "validation" not in splits:
+            return {}
+        targets, rows = _targets(splits["validation"])
+        return {"validation": Evaluation(splits["validation"], targets, rows, _metrics)} if len(rows) else {}
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(outputs.float(), targets.float())
+
+    def card(self, results: dict) -> ModelCard:
+        return regressor_card(self.config, results)
+
+
 def train_regressor(config: RegressorConfig) -> dict:
-    """Trains the regressor and writes its checkpoint folder (as an expert's, with a model card).
+    """Trains the regressor and writes its checkpoint folder (see ``models.training.train``).
 
     Raises ``ValueError`` before any step when the data has no train row with valence and arousal.
     """
-    from models.data import FaceDataset, ShuffledRows, load_splits
-
-    train = config.train
-    accelerator = make_accelerator(train)
-    set_seed(train.seed)
-    model = make_regressor(config.preset, config.init_from, config.image_size)
-    image_size = model.config.image_size
-    mean, std = _processor_stats(config.init_from)
-    with accelerator.main_process_first():
-        splits = load_splits(config.data, columns=("image_id", "image", "valence", "arousal"))
-    if "train" not in splits:
-        raise ValueError(f"{config.data} has no train split (splits: {', '.join(splits)})")
-    targets, rows = _targets(splits["train"])
-    if len(rows) == 0:
-        raise ValueError(f"no train row of {config.data} has both valence and arousal: nothing to learn")
-    train_data = FaceDataset(splits["train"], targets, image_size)
-    eval_loaders = {}
-    if "validation" in splits:
-        val_targets, val_rows = _targets(splits["validation"])
-        if len(val_rows):
-            val_data = FaceDataset(splits["validation"], val_targets, image_size)
-            eval_loaders["validation"] = make_loader(
-                torch.utils.data.Subset(val_data, val_rows.tolist()), train.eval_batch_size,
-                num_workers=train.num_workers,
-            )  # fmt: skip
-    train_loader = make_train_loader(train_data, ShuffledRows(rows, train.seed), train, accelerator)
-    # Flips keep valence and arousal; the other augmentations are the experts'.
-    transform = BatchTransform(image_size, mean, std, augment=config.augment)
-    if train.report_to != "none":
-        accelerator.init_trackers("valence-arousal", config=_flat(asdict(config)))
-    model, results = fit(accelerator, model, transform, train_loader, eval_loaders, _mse, _metrics, train)
-    results.update(image_size=image_size, image_mean=list(mean), image_std=list(std), train_rows=int(len(rows)))
-    save_checkpoint(accelerator, model, config, results, regressor_card(config, results))
-    return results
+    return training.train(RegressorTask(config))
 
 
 CARD = """---

@@ -17,37 +17,32 @@ if __package__ in (None, ""):  # run as a file by `accelerate launch scripts/lab
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.labeling import LabelConfig, label  # noqa: E402
+from scripts.options import add_arguments, add_config_argument, from_args, parse_args  # noqa: E402
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """Options from ``LabelConfig`` (defaults and help from the dataclass), plus ``--config``."""
     parser = argparse.ArgumentParser(
         prog="label.py",
         description="Write OUT/<split>-NNNNN.parquet shards of (image_id, expert_probs): the cross-fitted "
         "P(emotion present) of the 8 x K experts of a manifest, for every row of DATA.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--data", required=True, help="a built AffectNet+ folder")
-    parser.add_argument("--experts", required=True, help="experts/manifest.json from affectnet-plus train-experts")
-    parser.add_argument("--out", required=True, help="folder of the score shards")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers decoding images")
-    parser.add_argument("--shard-rows", type=int, default=8192, help="rows per output shard")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: bfloat16 on GPUs and on CPUs with hardware bfloat16, float32 elsewhere")  # fmt: skip
+    add_config_argument(parser)
+    add_arguments(parser, LabelConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parse_args(parser, argv)
     try:
-        counts = label(
-            LabelConfig(args.data, args.experts, args.out, args.batch_size, args.num_workers, args.shard_rows,
-                        args.precision)
-        )
+        config = from_args(LabelConfig, args)
+        counts = label(config)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"label: error: {err}", file=sys.stderr)
         return 2
-    print(", ".join(f"{split}: {n} rows" for split, n in counts.items()) + f" scored into {args.out}")
+    print(", ".join(f"{split}: {n} rows" for split, n in counts.items()) + f" scored into {config.out}")
     return 0
 
 

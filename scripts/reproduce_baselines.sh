@@ -3,18 +3,19 @@
 #
 #   scripts/reproduce_baselines.sh DATASET_DIR OUTDIR
 #
-# Trains OUTDIR/{hard,soft}-{8,7} with scripts/train_fer.py, then writes OUTDIR/results.json and
+# Trains OUTDIR/{hard,soft}-{8,7} with `scripts/train.py fer`, then writes OUTDIR/results.json and
 # OUTDIR/results.md (the table). `accelerate launch` uses your `accelerate config` (GPUs, nodes,
-# mixed precision); these environment variables override it or the training defaults:
-#   PRESET=tiny|base          architecture (default tiny; base is ViT-B/16 at 224 px)
+# mixed precision); these environment variables override it or the training defaults (which are the
+# config dataclasses', listed by `python scripts/train.py fer --help`):
+#   PRESET=tiny|base          architecture (--preset; base is ViT-B/16 at 224 px)
 #   INIT_FROM=ID_OR_DIR       start from a pretrained ViT (e.g. google/vit-base-patch16-224-in21k)
-#   EPOCHS=N                  epochs per run (default 3)
+#   EPOCHS=N                  epochs per run (--num-train-epochs)
 #   MAX_STEPS=N               optimizer steps per run (wins over EPOCHS)
-#   BATCH_SIZE=N              images per process and step (default 64)
-#   NUM_WORKERS=N             DataLoader workers (default 4)
+#   BATCH_SIZE=N              images per process and step (--per-device-batch-size)
+#   NUM_WORKERS=N             DataLoader workers (--num-workers)
 #   NUM_PROCESSES=N           processes per run (accelerate's --num_processes; default: your config)
 #   ACCELERATE_ARGS="..."     more `accelerate launch` options (e.g. "--multi_gpu --mixed_precision bf16")
-#   TRAIN_ARGS="..."          more train_fer.py options (e.g. "--learning-rate 5e-5")
+#   TRAIN_ARGS="..."          more `scripts/train.py fer` options (e.g. "--learning-rate 5e-5", "--config FILE")
 #   PYTHON=python             the interpreter that has affectnet-plus installed
 # A run whose folder already holds all_results.json is not trained again (delete it to redo it).
 #
@@ -41,10 +42,14 @@ if [[ -n ${NUM_PROCESSES:-} ]]; then
 fi
 # shellcheck disable=SC2206  # word splitting of the user's option strings is intended
 launch+=(${ACCELERATE_ARGS:-})
-train=(--preset "${PRESET:-tiny}" --num-train-epochs "${EPOCHS:-3}" --per-device-batch-size "${BATCH_SIZE:-64}"
-       --num-workers "${NUM_WORKERS:-4}")
+# Unset variables leave the option out: its default is the config dataclass's (`train.py fer --help`).
+train=()
+if [[ -n ${PRESET:-} ]]; then train+=(--preset "$PRESET"); fi
 if [[ -n ${INIT_FROM:-} ]]; then train+=(--init-from "$INIT_FROM"); fi
+if [[ -n ${EPOCHS:-} ]]; then train+=(--num-train-epochs "$EPOCHS"); fi
 if [[ -n ${MAX_STEPS:-} ]]; then train+=(--max-steps "$MAX_STEPS"); fi
+if [[ -n ${BATCH_SIZE:-} ]]; then train+=(--per-device-batch-size "$BATCH_SIZE"); fi
+if [[ -n ${NUM_WORKERS:-} ]]; then train+=(--num-workers "$NUM_WORKERS"); fi
 # shellcheck disable=SC2206
 train+=(${TRAIN_ARGS:-})
 
@@ -58,8 +63,8 @@ for target in hard soft; do
             continue
         fi
         echo "== $target-$classes -> $run"
-        "${launch[@]}" "$ROOT/scripts/train_fer.py" --data "$DATA" --target "$target" --num-classes "$classes" \
+        "${launch[@]}" "$ROOT/scripts/train.py" fer --data "$DATA" --target "$target" --num-classes "$classes" \
             --output-dir "$run" "${train[@]}"
     done
 done
-"$PYTHON" "$ROOT/scripts/train_fer.py" --summarise "${runs[@]}" --output-dir "$OUT"
+"$PYTHON" "$ROOT/scripts/train.py" fer --summarise "${runs[@]}" --output-dir "$OUT"

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,12 +9,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, pipeline
 
 from scripts.cli import main as cli
-from scripts.train_expert import main
+from scripts.train import main as train
 from tests.conftest import face_image, launch_two_processes
 from tests.hub_server import USER
 
 ROOT = Path(__file__).parents[2]
 FAST = ["--per-device-batch-size", "4", "--eval-batch-size", "16", "--num-workers", "0", "--warmup-ratio", "0"]
+
+
+def main(argv):
+    return train(["expert", *argv])
 
 
 def _args(data, out, *extra, emotion="happy"):
@@ -46,33 +51,123 @@ def test_two_step_run_writes_a_loadable_checkpoint(built_sample, tmp_path):
     assert "happy" in card and "fold 0 of 2" in card
 
 
-def test_resume_ends_with_the_weights_of_an_uninterrupted_run(built_sample, tmp_path):
-    straight = tmp_path / "straight"
-    assert main(_args(built_sample, straight, "--max-steps", "7", "--checkpointing-steps", "3")) == 0
-    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_3", "step_6"]
-    resumed = tmp_path / "resumed"
-    checkpoint = straight / "checkpoints" / "step_3"
-    assert main(_args(built_sample, resumed, "--max-steps", "7", "--resume-from-checkpoint", str(checkpoint))) == 0
-    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+def _weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def _assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(built_sample, tmp_path, capsys):
+    straight = tmp_path / "straight"
+    assert main(_args(built_sample, straight, "--max-steps", "7", "--checkpointing-steps", "3")) == 0
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_3", "step_6"]  # no partial left
+    assert json.loads((straight / "checkpoints" / "step_3" / "checkpoint.json").read_text())["step"] == 3
+    # The run is interrupted after step 5: its checkpoints folder holds step_3, a step_5 half-written by an
+    # older writer (no marker, garbage state) and the temporary folder of a save in progress.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    for partial in ("step_5", ".step_6.partial"):
+        shutil.copytree(straight / "checkpoints" / "step_6", resumed / "checkpoints" / partial)
+        (resumed / "checkpoints" / partial / "checkpoint.json").unlink()
+        (resumed / "checkpoints" / partial / "optimizer.bin").write_bytes(b"half")
+    assert main(_args(built_sample, resumed, "--max-steps", "7", "--resume-from-checkpoint", "latest")) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {(resumed / 'checkpoints' / 'step_3').resolve()} at step 3" in out
+    _assert_same_weights(_weights(straight), _weights(resumed))
     # and the check can fail: a run with another seed ends elsewhere
     other = tmp_path / "other"
     assert main(_args(built_sample, other, "--max-steps", "7", "--seed", "7")) == 0
-    assert not torch.equal(load_file(other / "model.safetensors")["classifier.weight"], a["classifier.weight"])
+    assert not torch.equal(_weights(other)["classifier.weight"], _weights(straight)["classifier.weight"])
+
+
+def test_resume_reads_training_state_only_from_the_runs_own_checkpoints(built_sample, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(_args(built_sample, first, "--max-steps", "2", "--checkpointing-steps", "1")) == 0
+    foreign = first / "checkpoints" / "step_1"
+    assert (
+        main(_args(built_sample, tmp_path / "second", "--max-steps", "2", "--resume-from-checkpoint", str(foreign)))
+        == 2
+    )
+    assert "not in this run's checkpoints folder" in capsys.readouterr().err
+    # a symbolic link inside the run's folder that points elsewhere is refused the same way
+    link = tmp_path / "third" / "checkpoints" / "step_1"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(foreign, target_is_directory=True)
+    assert main(_args(built_sample, tmp_path / "third", "--max-steps", "2", "--resume-from-checkpoint", "latest")) == 2
+    assert "not in this run's checkpoints folder" in capsys.readouterr().err
+    assert main(_args(built_sample, tmp_path / "fourth", "--max-steps", "2", "--resume-from-checkpoint", "latest")) == 2
+    assert "no finished checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoints_are_rotated(built_sample, tmp_path):
+    out = tmp_path / "rotated"
+    assert (
+        main(_args(built_sample, out, "--max-steps", "4", "--checkpointing-steps", "1", "--save-total-limit", "2")) == 0
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_4"]
+
+
+@pytest.mark.slow
+def test_rerun_from_the_saved_config_gives_the_same_weights(built_sample, tmp_path):
+    first = tmp_path / "first"
+    options = ["--max-steps", "3", "--seed", "5", "--learning-rate", "3e-3", "--hflip", "0.2", "--scale", "0.8", "1.0"]
+    assert main(_args(built_sample, first, *options)) == 0
+    saved = json.loads((first / "training_config.json").read_text())
+    assert saved["train"]["seed"] == 5 and saved["augment"]["scale"] == [0.8, 1.0]
+    again = tmp_path / "again"
+    assert main(["--config", str(first / "training_config.json"), "--output-dir", str(again)]) == 0
+    _assert_same_weights(_weights(first), _weights(again))
+    assert json.loads((again / "training_config.json").read_text()) == {
+        **saved, "train": {**saved["train"], "output_dir": str(again)}
+    }  # fmt: skip
+    # negative control: without the saved options (defaults: another seed, rate, augmentation) it differs
+    plain = tmp_path / "plain"
+    assert main(_args(built_sample, plain, "--max-steps", "3")) == 0
+    assert not torch.equal(_weights(plain)["classifier.weight"], _weights(first)["classifier.weight"])
+
+
+def test_all_results_is_written_last(built_sample, tmp_path, monkeypatch):
+    out = tmp_path / "done"
+    assert main(_args(built_sample, out, "--max-steps", "1")) == 0
+    assert (out / "all_results.json").is_file()
+
+    def broken_card(config, results):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("models.cards.expert_card", broken_card)
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(_args(built_sample, out, "--max-steps", "1", "--seed", "3"))
+    # The model was rewritten, then the save failed: no marker, so train-experts retrains this expert.
+    assert (out / "model.safetensors").is_file() and not (out / "all_results.json").exists()
+    assert not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes(built_sample, tmp_path):
     out = tmp_path / "ddp"
-    result = launch_two_processes("scripts/train_expert.py", *_args(built_sample, out, "--max-steps", "3"))
+    args = _args(built_sample, out, "--max-steps", "3", "--checkpointing-steps", "2")
+    result = launch_two_processes("scripts/train.py", "expert", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2
     assert len(results["replica_checksums"]) == 2
     assert results["replica_checksums"][0] == results["replica_checksums"][1]
     assert AutoModelForImageClassification.from_pretrained(out).config.id2label[1] == "happy"
+    checkpoint = out / "checkpoints" / "step_2"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]
+    for rank in (0, 1):  # every process's states went into the folder before it was renamed
+        assert (checkpoint / f"random_states_{rank}.pkl").is_file()
+        assert (checkpoint / f"augment_rng_{rank}.safetensors").is_file()
+    # both processes resume from it and end with the weights of the uninterrupted run
+    straight = _weights(out)
+    result = launch_two_processes("scripts/train.py", "expert", *args, "--resume-from-checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 2" in result.stdout
+    _assert_same_weights(straight, _weights(out))
 
 
 def _two_emotion_folder(tmp_path, emotions=("happy", "sad")):

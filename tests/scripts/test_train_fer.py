@@ -12,13 +12,17 @@ from transformers import AutoModelForImageClassification, pipeline
 from affectnet_plus import EMOTIONS, AffectNetPlusConfig
 from builder.export import BuildOptions, build
 from models.fer import demographic_groups, write_results
-from scripts.train_fer import main
+from scripts.train import main as train
 from tests.conftest import face_image, launch_two_processes
 
 ROOT = Path(__file__).parents[2]
 FAST = ["--max-steps", "2", "--per-device-batch-size", "8", "--eval-batch-size", "32", "--num-workers", "0",
         "--warmup-ratio", "0"]  # fmt: skip
 RUNS = [("hard", 8), ("soft", 8), ("hard", 7), ("soft", 7)]
+
+
+def main(argv):
+    return train(["fer", *argv])
 
 
 def validation_labels(data: Path) -> np.ndarray:
@@ -125,7 +129,7 @@ def test_demographic_groups_from_metadata_columns():
 def test_accelerate_launch_with_two_cpu_processes(soft_sample, tmp_path):
     out = tmp_path / "ddp"
     args = ["--data", str(soft_sample), "--target", "soft", "--output-dir", str(out), *FAST]
-    result = launch_two_processes("scripts/train_fer.py", *args)
+    result = launch_two_processes("scripts/train.py", "fer", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["replica_checksums"][0] == results["replica_checksums"][1]

@@ -9,8 +9,13 @@ from transformers import AutoModelForImageClassification
 from affectnet_plus import AffectNetPlusConfig
 from builder.export import BuildOptions, build
 from builder.va_annotator import ValenceArousalAnnotator
-from scripts.train_va import main
+from scripts.train import main as train
 from tests.conftest import face_image, launch_two_processes
+
+
+def main(argv):
+    return train(["valence-arousal", *argv])
+
 
 FAST = ["--per-device-batch-size", "8", "--eval-batch-size", "16", "--num-workers", "0", "--warmup-ratio", "0"]
 
@@ -72,7 +77,7 @@ def test_no_rows_with_valence_arousal_is_a_clear_error(tmp_path, capsys):
 def test_accelerate_launch_with_two_cpu_processes(built_sample, tmp_path):
     out = tmp_path / "ddp"
     args = ["--data", str(built_sample), "--output-dir", str(out), "--max-steps", "2", *FAST]
-    result = launch_two_processes("scripts/train_va.py", *args)
+    result = launch_two_processes("scripts/train.py", "valence-arousal", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["replica_checksums"][0] == results["replica_checksums"][1]
