@@ -37,7 +37,7 @@ echo "data ready in $(( $(date +%s) - start )) s"
 
 for dynamo in ${DYNAMO:-no}; do
   python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 \
-    --dynamo_backend "$dynamo" scripts/train_expert.py \
+    --dynamo_backend "$dynamo" scripts/train.py expert \
     --data "$WORK/affectnet_plus" --emotion happy --fold 0 --num-folds 2 --preset base \
     --output-dir "$WORK/expert-$dynamo" --max-steps "$STEPS" --per-device-batch-size "$BATCH" \
     --eval-batch-size 1024 --num-workers "$(( $(nproc) - 2 ))" --learning-rate 3e-4 2>&1 | grep -v "Warning\|warn(" | tail -5

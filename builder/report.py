@@ -207,7 +207,7 @@ def reliability_diagrams(runs: dict[str, dict], out: Path, bins: int = 10) -> st
 def write_report(folder, out, baselines=None) -> Path:
     """Writes ``out/report.md`` and its plots for the built folder ``folder``; returns the page's path.
 
-    ``baselines``: the output folder of ``scripts/reproduce_baselines.sh`` (or of ``train_fer.py`` runs)
+    ``baselines``: the output folder of ``scripts/reproduce_baselines.sh`` (or of ``scripts/train.py fer`` runs)
     adds their confusion matrices and reliability diagrams.
     """
     folder, out = Path(folder), Path(out)

@@ -22,7 +22,7 @@ from models.transforms import decode_image
 
 
 def _load_regressor(model_dir: str):
-    """A valence/arousal regressor checkpoint (``scripts/train_va.py``): model, processor statistics."""
+    """A valence/arousal regressor checkpoint (``scripts/train.py valence-arousal``): model, processor statistics."""
     from transformers import AutoImageProcessor, ViTForImageClassification
 
     check_safetensors(model_dir)
@@ -35,7 +35,7 @@ def _load_regressor(model_dir: str):
 
 
 class ValenceArousalAnnotator(Annotator):
-    """Valence and arousal in [-1, 1] from a regressor trained by ``scripts/train_va.py``.
+    """Valence and arousal in [-1, 1] from a regressor trained by ``scripts/train.py valence-arousal``.
 
     Example:
         >>> ValenceArousalAnnotator("va").annotate([crop], [{}])  # doctest: +SKIP
@@ -67,10 +67,10 @@ class ValenceArousalAnnotator(Annotator):
         # its weights' digest, never by where it lies on the build machine.
         name = Path(self.model_dir).name
         return {
-            "model": f"ViT valence/arousal regressor `{name}` (scripts/train_va.py)",
+            "model": f"ViT valence/arousal regressor `{name}` (scripts/train.py valence-arousal)",
             "version": f"model.safetensors sha256 {digest}",
             "license": license_id or "that of its training data",
-            "source": f"checkpoint folder `{name}` trained with scripts/train_va.py",
+            "source": f"checkpoint folder `{name}` trained with scripts/train.py valence-arousal",
         }
 
     def annotate(self, images: list[Image.Image], rows: list[dict]) -> list[dict]:
