@@ -1,17 +1,18 @@
 """Build throughput and memory of `affectnet-plus build` against a naive `datasets` pipeline.
 
-    python bench/build.py                      # 2,000 and 8,000 raw-layout images, 400-1200 px
-    python bench/build.py --sizes 500 --repeats 1
+    python bench/build.py                                   # defaults below
+    python bench/build.py --sizes 200 --repeats 1           # a quick check
 
-Source: the bundled sample renderer writes 2,000 distinct AffectNet-layout JPEGs of 400-1200 px
-(bench/out/source-2000); the 8,000-image source reuses them under new names (hard links), so both
-sources have the same per-image cost. Throughput is measured in this process, project and baseline
-alternating, and reported as medians; peak RSS is measured in a fresh child process per size.
+Source: the bundled sample renderer writes SIZES[0] distinct AffectNet-layout JPEGs of 400-1200 px
+(OUT/source-N); larger sources reuse them under new names (hard links), so every source has the same
+per-image cost. Throughput is measured on the first source in this process, the project and the
+baseline alternating at each process count of --num-proc, and reported as medians; peak RSS of the
+project is measured in a fresh child process per source size, with the largest process count.
 
 Baseline (what one writes without this project): `Dataset.from_generator` over the CSV rows, then a
-`Dataset.map` that decodes each image at full resolution with PIL, crops, resizes and re-encodes it,
-then `Dataset.to_parquet` -- one process, like the project run it is compared with (`--num-proc 1`);
-the project is also timed with `--num-proc 2`.
+`Dataset.map(..., num_proc=N)` that decodes each image at full resolution with PIL, crops, resizes
+and re-encodes it, then `Dataset.to_parquet`; N is the project's `num_proc` of the same comparison.
+The crop size, margin and JPEG quality are the project's (`AffectNetPlusConfig()`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import csv
 import io
 import json
 import os
+import platform
 import resource
 import shutil
 import statistics
@@ -38,6 +40,8 @@ from builder.sources import AFFECTNET_COLUMNS  # noqa: E402
 
 CSV_PATH = "Manually_Annotated_file_lists/training.csv"
 IMAGES = "Manually_Annotated_Images"
+TARGET = 3.0  # the project's build throughput target, as a multiple of the baseline's at equal processes
+MIN_SIDE, MAX_SIDE = 400, 1200  # rendered source image sides, px
 
 
 def make_source(out_dir: Path, n: int, base: Path | None = None) -> Path:
@@ -50,9 +54,8 @@ def make_source(out_dir: Path, n: int, base: Path | None = None) -> Path:
 
         tmp = out_dir / f"render-{n}"
         shutil.rmtree(tmp, ignore_errors=True)
-        config = SampleConfig(
-            n=n, seed=1, min_image_size=400, max_image_size=1200, validation_fraction=0, unlabeled_fraction=0
-        )
+        config = SampleConfig(n=n, seed=1, min_image_size=MIN_SIDE, max_image_size=MAX_SIDE,
+                              validation_fraction=0, unlabeled_fraction=0)  # fmt: skip
         write_sample(tmp, config, progress=True)
         tmp.rename(root)
         return root
@@ -75,6 +78,11 @@ def make_source(out_dir: Path, n: int, base: Path | None = None) -> Path:
     return root
 
 
+def count_rows(source: Path) -> int:
+    with open(source / CSV_PATH, newline="") as f:
+        return sum(1 for _ in csv.reader(f)) - 1
+
+
 def run_project(source: Path, out: Path, num_proc: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
@@ -84,14 +92,16 @@ def run_project(source: Path, out: Path, num_proc: int) -> float:
     return report["written"] / elapsed
 
 
-def run_baseline(source: Path, out: Path) -> float:
-    """The naive pipeline: full decode in a generator, crop in map, to_parquet."""
+def run_baseline(source: Path, out: Path, num_proc: int) -> float:
+    """The naive pipeline: full decode in a generator, crop in ``map(num_proc=num_proc)``, to_parquet."""
     import datasets
     from PIL import Image
 
+    datasets.disable_progress_bars()  # the project runs without progress bars too
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    margin, size = 0.15, 224
+    config = AffectNetPlusConfig()
+    margin, size, quality = config.crop_margin, config.face_size, config.jpeg_quality
 
     def rows():
         with open(source / CSV_PATH, newline="") as f:
@@ -116,7 +126,7 @@ def run_baseline(source: Path, out: Path) -> float:
             .crop((round(left), round(top), round(left + side), round(top + side)))
         )
         buffer = io.BytesIO()
-        face.resize((size, size), Image.Resampling.BILINEAR).save(buffer, format="JPEG", quality=95)
+        face.resize((size, size), Image.Resampling.BILINEAR).save(buffer, format="JPEG", quality=quality)
         scale = size / side
         points = [(v - (left if i % 2 == 0 else top)) * scale for i, v in enumerate(example["landmarks"])]
         return {"image": {"bytes": buffer.getvalue(), "path": None}, "landmarks": points}
@@ -127,7 +137,11 @@ def run_baseline(source: Path, out: Path) -> float:
     features = datasets.Features({**dataset.features, "image": datasets.Image()})
     del features["box"], features["path"]
     dataset = dataset.map(
-        crop, remove_columns=["box", "path"], features=features, cache_file_name=str(cache / "cropped.arrow")
+        crop,
+        remove_columns=["box", "path"],
+        features=features,
+        cache_file_name=str(cache / "cropped.arrow"),
+        num_proc=num_proc if num_proc > 1 else None,  # None: in this process, as num_proc=1 also does
     )
     dataset.to_parquet(str(out / "train.parquet"))
     elapsed = time.perf_counter() - start
@@ -153,9 +167,40 @@ def child(source: str, out: str, num_proc: int) -> None:
     print(json.dumps({"main_mb": round(main_mb, 1), "worker_mb": round(worker_mb, 1)}))
 
 
+def machine() -> str:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{platform.machine()}, {usable} usable CPU cores, Python {platform.python_version()}"
+
+
+def report(results: dict) -> str:
+    """A plain-text summary; every figure and label comes from ``results``."""
+    load = results["load_average_1min"]
+    header = ("processes", "project img/s", "baseline img/s", "ratio", "paired", f"target >= {TARGET:g}x")
+    lines = [
+        f"{results['images']} images, {results['repeats']} repeats, {results['machine']}",
+        f"1-min load average {load['start']} at the start, {load['end']} at the end",
+        "ratio: of the medians; paired: median of each repeat's ratio",
+        "  ".join(header),
+    ]
+    for n, r in results["by_num_proc"].items():
+        verdict = "holds" if r["target_holds"] else "does not hold"
+        cells = (n, f"{r['project_img_s']:.1f}", f"{r['baseline_img_s']:.1f}", f"{r['ratio']:.2f}x",
+                 f"{r['paired_ratio_median']:.2f}x", verdict)  # fmt: skip
+        lines.append("  ".join(f"{c:>{len(h)}}" for c, h in zip(cells, header)))
+    lines.append(f"peak RSS of the project build with {results['rss_num_proc']} processes:")
+    for n, r in results["peak_rss"].items():
+        lines.append(f"  {n} images: main {r['main_mb']:.1f} MB, largest worker {r['worker_mb']:.1f} MB")
+    if "rss_growth_main" in results:
+        lines.append(f"  main-process growth {results['rss_growth_main']:+.1%}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000], help="source sizes (first = base)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000],
+                        help="source sizes; throughput on the first, peak RSS on each")  # fmt: skip
+    parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2],
+                        help="process counts, each given to the project and to the baseline's map")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each pipeline (median reported)")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="work folder (sources are cached here)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -168,25 +213,42 @@ def main(argv=None) -> int:
     base = make_source(args.out, args.sizes[0])
     sources = {n: make_source(args.out, n, None if n == args.sizes[0] else base) for n in args.sizes}
     first = sources[args.sizes[0]]
-    project1, project2, baseline = [], [], []
-    for _ in range(args.repeats):  # alternate so that machine noise hits all three alike
-        project1.append(run_project(first, args.out / "project", 1))
-        project2.append(run_project(first, args.out / "project", 2))
-        baseline.append(run_baseline(first, args.out / "baseline"))
+    start_load = round(os.getloadavg()[0], 2)
+    timings = {n: {"project": [], "baseline": []} for n in args.num_proc}
+    for _ in range(args.repeats):  # alternate so that machine noise hits every pipeline alike
+        for n in args.num_proc:
+            timings[n]["project"].append(run_project(first, args.out / "project", n))
+            timings[n]["baseline"].append(run_baseline(first, args.out / "baseline", n))
+    by_num_proc = {}
+    for n, t in timings.items():
+        project, baseline = statistics.median(t["project"]), statistics.median(t["baseline"])
+        by_num_proc[n] = {
+            "project_img_s": round(project, 1),
+            "baseline_img_s": round(baseline, 1),
+            "ratio": round(project / baseline, 2),
+            "paired_ratio_median": round(statistics.median(a / b for a, b in zip(t["project"], t["baseline"])), 2),
+            "target_holds": project / baseline >= TARGET,
+            "project_runs": [round(v, 1) for v in t["project"]],
+            "baseline_runs": [round(v, 1) for v in t["baseline"]],
+        }
+    rss_num_proc = max(args.num_proc)
     results = {
-        "images": args.sizes[0],
+        "images": count_rows(first),
         "repeats": args.repeats,
-        "project_1proc_img_s": round(statistics.median(project1), 1),
-        "project_2proc_img_s": round(statistics.median(project2), 1),
-        "baseline_img_s": round(statistics.median(baseline), 1),
+        "machine": machine(),
+        "load_average_1min": {"start": start_load, "end": round(os.getloadavg()[0], 2)},
+        "target_ratio": TARGET,
+        "by_num_proc": by_num_proc,
+        "rss_num_proc": rss_num_proc,
+        "peak_rss": {
+            count_rows(src): peak_rss_child(src, args.out / f"rss-{n}", rss_num_proc) for n, src in sources.items()
+        },  # fmt: skip
     }
-    results["ratio_1proc"] = round(results["project_1proc_img_s"] / results["baseline_img_s"], 2)
-    results["ratio_2proc"] = round(results["project_2proc_img_s"] / results["baseline_img_s"], 2)
-    results["peak_rss"] = {n: peak_rss_child(src, args.out / f"rss-{n}", 2) for n, src in sources.items()}
     if len(args.sizes) > 1:
-        low, high = (results["peak_rss"][n]["main_mb"] for n in (args.sizes[0], args.sizes[-1]))
+        low, high = (results["peak_rss"][count_rows(sources[n])]["main_mb"] for n in (args.sizes[0], args.sizes[-1]))
         results["rss_growth_main"] = round(high / low - 1, 3)
     print(json.dumps(results, indent=2))
+    print(report(results))
     (args.out / "build.json").write_text(json.dumps(results, indent=2))
     return 0
 

@@ -1,16 +1,29 @@
 """Labelling throughput of `scripts/label.py`'s path against `transformers.pipeline("image-classification")`.
 
-    python bench/label.py                    # 8 x 2 tiny experts, the 600-image bundled sample, CPU
+    python bench/label.py --num-workers 0    # the experts of `affectnet-plus train-experts` (1 step, tiny),
+                                             # the bundled sample, CPU
 
-Both score every row of the same built folder with the same cross-fitted assignment (a train row by
-its own fold's 8 experts, the other rows by all 16), in this process, alternating; images/s are rows
-per second, medians over the repeats. The pipeline gets decoded PIL images and the same batch size.
+Every pipeline scores every row of the same built folder with the same cross-fitted assignment (a
+train row of fold j by the fold-j expert of each emotion, every other row by all the experts), in
+this process, alternating; throughput is rows per second, model loading and image decoding included,
+medians over the repeats. Each precision is compared with itself: float32 with float32 and, where
+`label()` runs in bfloat16 by default (GPUs, CPUs with hardware bfloat16), bfloat16 with bfloat16.
+
+- project: `label(LabelConfig(..., precision=P))` (bfloat16: autocast over the float32 weights).
+- baseline "pipeline": one `pipeline("image-classification", model=EXPERT, dtype=D)` per expert,
+  called as its documentation recommends for many inputs: on the list of decoded images with
+  `batch_size` and `num_workers` (the same as the project's); each pipeline runs its own image
+  processor, so an image is preprocessed once per expert that scores it.
+- baseline "processor once + model forward": the experts' (identical) image processor runs once per
+  batch of images, and every expert's `AutoModelForImageClassification` (weights in D) is called on
+  the same `pixel_values`, followed by a softmax.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -21,133 +34,278 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from affectnet_plus import EMOTIONS  # noqa: E402
-from bench.train import sample_folder  # noqa: E402
 from models.data import folds, load_splits  # noqa: E402
 from models.labeling import LabelConfig, label  # noqa: E402
 
+TARGET = 3.0  # the labelling throughput target, as a multiple of the pipeline's at equal precision
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
-def experts_for(data: Path, out: Path) -> Path:
+
+def sample_folder(out: Path, n: int) -> Path:
+    """A built folder of the bundled sample renderer's ``n`` images (cached in ``out``)."""
+    from affectnet_plus import AffectNetPlusConfig
+    from builder.export import BuildOptions, build
+    from builder.sample import SampleConfig, write_sample
+
+    root = out / f"label-sample-{n}"
+    built = root / "affectnet_plus"
+    if not (built / "build_report.json").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        write_sample(root / "raw", SampleConfig(n=n, seed=2), progress=True)
+        build(root / "raw", built, AffectNetPlusConfig(), BuildOptions(num_proc=2, progress=False))
+    return built
+
+
+def experts_for(data: Path, out: Path, num_folds: int) -> Path:
     from models.expert import train_experts
     from models.training import TrainConfig
 
-    manifest = out / "label-experts" / "manifest.json"
+    manifest = out / f"label-experts-k{num_folds}" / "manifest.json"
     if not manifest.is_file():
         train = TrainConfig(output_dir=str(out), max_steps=1, per_device_batch_size=8, num_workers=0, warmup_ratio=0)
-        train_experts(str(data), out / "label-experts", train, num_folds=2)
+        train_experts(str(data), manifest.parent, train, num_folds=num_folds)
     return manifest
 
 
-def random_experts(out: Path, preset: str) -> Path:
-    """An 8 x 2 manifest of untrained experts of ``preset``: throughput does not depend on the weights."""
+def random_experts(out: Path, preset: str, num_folds: int) -> Path:
+    """A manifest of untrained experts of ``preset``: throughput does not depend on the weights."""
     from models.expert import make_expert, make_processor
 
-    manifest = out / f"label-experts-{preset}" / "manifest.json"
+    manifest = out / f"label-experts-{preset}-k{num_folds}" / "manifest.json"
     if not manifest.is_file():
         entries = []
         for emotion in EMOTIONS:
-            for fold in range(2):
+            for fold in range(num_folds):
                 folder = manifest.parent / f"{emotion}-f{fold}"
                 model = make_expert(emotion, preset)
                 model.save_pretrained(folder)
                 make_processor(model.config.image_size).save_pretrained(folder)
                 entries.append({"emotion": emotion, "fold": fold, "path": folder.name})
-        manifest.write_text(json.dumps({"num_folds": 2, "experts": entries}, indent=2))
+        manifest.write_text(json.dumps({"num_folds": num_folds, "experts": entries}, indent=2))
     return manifest
 
 
-def expert_forwards(data: Path) -> int:
-    """Expert forward passes per labelling run: 8 per train row (its fold's), 16 per other row."""
+def read_manifest(manifest: Path) -> tuple[list[str], int, dict]:
+    """The manifest's emotions (in the project's order), its number of folds and ``{(emotion, fold): folder}``."""
+    content = json.loads(manifest.read_text())
+    entries = {(e["emotion"], int(e["fold"])): manifest.parent / e["path"] for e in content["experts"]}
+    emotions = [e for e in EMOTIONS if any(key[0] == e for key in entries)]
+    return emotions, int(content["num_folds"]), entries
+
+
+def describe_experts(manifest: Path) -> dict:
+    """What the experts are, read from the manifest and the saved configs."""
+    from transformers import AutoConfig
+
+    from models.expert import PRESETS
+
+    emotions, num_folds, entries = read_manifest(manifest)
+    configs = [AutoConfig.from_pretrained(path) for path in entries.values()]
+    shapes = {tuple(getattr(c, k) for k in sorted(PRESETS["tiny"])) for c in configs}
+    config = configs[0]
+    if len(shapes) != 1:
+        preset = "mixed architectures"
+    else:
+        names = [name for name, p in PRESETS.items() if tuple(p[k] for k in sorted(p)) in shapes]
+        preset = names[0] if names else f"ViT {config.hidden_size}-d, {config.num_hidden_layers} layers"
+    return {"emotions": len(emotions), "folds": num_folds, "experts": len(entries), "preset": preset,
+            "image_size": config.image_size, "label": f"{len(emotions)} x {num_folds} {preset}"}  # fmt: skip
+
+
+def expert_forwards(data: Path, manifest: Path) -> tuple[int, int]:
+    """(rows, expert forward passes per labelling run): a train row is scored by its fold's expert of
+    each emotion, every other row by all the experts."""
+    emotions, num_folds, _ = read_manifest(manifest)
     splits = load_splits(data, columns=("image_id",))
-    return sum(len(s) * (8 if name == "train" else 16) for name, s in splits.items())
+    rows = sum(len(s) for s in splits.values())
+    forwards = sum(len(s) * len(emotions) * (1 if name == "train" else num_folds) for name, s in splits.items())
+    return rows, forwards
 
 
-def run_project(data: Path, manifest: Path, out: Path, args, precision: str = "auto") -> float:
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_project(data: Path, manifest: Path, out: Path, args, precision: str) -> dict:
+    from models.labeling import resolve_precision
+
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     counts = label(LabelConfig(str(data), str(manifest), str(out), args.batch_size, args.num_workers,
                                precision=precision))  # fmt: skip
-    return sum(counts.values()) / (time.perf_counter() - start)
+    rows_s = sum(counts.values()) / (time.perf_counter() - start)
+    return {"rows_s": rows_s, "precision": DTYPES[resolve_precision(device(), precision)]}
 
 
-def run_pipeline(data: Path, manifest: Path, args, dtype=None) -> float:
+def decoded_splits(data: Path, num_folds: int):
+    """``(split name, decoded PIL images, fold of each row or None)`` of every split."""
     from datasets import Image
+
+    for name, split in load_splits(data, columns=("image_id", "image")).items():
+        images = split.cast_column("image", Image(decode=True))["image"]
+        yield name, images, folds(split["image_id"], num_folds) if name == "train" else None
+
+
+def run_pipeline(data: Path, manifest: Path, args, precision: str) -> dict:
+    import torch
     from transformers import pipeline
 
+    dtype = getattr(torch, DTYPES[precision])
     start = time.perf_counter()
-    splits = load_splits(data, columns=("image_id", "image", "human_label"))
+    emotions, num_folds, entries = read_manifest(manifest)
+    experts = {key: pipeline("image-classification", model=str(path), device=device(), dtype=dtype)
+               for key, path in entries.items()}  # fmt: skip
     rows = 0
-    experts = {(e, f): pipeline("image-classification", model=str(manifest.parent / f"{e}-f{f}"), device=-1,
-                                dtype=dtype)
-               for e in EMOTIONS for f in range(2)}  # fmt: skip
-    for name, split in splits.items():
-        split = split.cast_column("image", Image(decode=True))
-        images = split["image"]
-        fold_of_row = folds(split["image_id"], 2) if name == "train" else None
-        for fold in range(2):
-            chosen = [i for i in range(len(images)) if fold_of_row is None or fold_of_row[i] == fold]
-            batch = [images[i] for i in chosen]
-            for emotion in EMOTIONS:
-                experts[(emotion, fold)](batch, batch_size=args.batch_size, top_k=2)
+    for _, images, fold_of_row in decoded_splits(data, num_folds):
+        for fold in range(num_folds):
+            batch = [im for i, im in enumerate(images) if fold_of_row is None or fold_of_row[i] == fold]
+            for emotion in emotions:
+                experts[(emotion, fold)](batch, batch_size=args.batch_size, num_workers=args.num_workers, top_k=2)
         rows += len(images)
-    return rows / (time.perf_counter() - start)
+    rows_s = rows / (time.perf_counter() - start)
+    (model_dtype,) = {str(p.model.dtype).removeprefix("torch.") for p in experts.values()}
+    return {"rows_s": rows_s, "precision": model_dtype}
+
+
+def run_processor_once(data: Path, manifest: Path, args, precision: str) -> dict:
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    dtype = getattr(torch, DTYPES[precision])
+    start = time.perf_counter()
+    emotions, num_folds, entries = read_manifest(manifest)
+    processors = [AutoImageProcessor.from_pretrained(path) for path in entries.values()]
+    if len({json.dumps(p.to_dict(), sort_keys=True, default=str) for p in processors}) != 1:
+        raise ValueError(f"the experts of {manifest} have different image processors: no shared preprocessing")
+    processor = processors[0]
+    models = {key: AutoModelForImageClassification.from_pretrained(path, dtype=dtype).eval().to(device())
+              for key, path in entries.items()}  # fmt: skip
+    rows = 0
+    with torch.inference_mode():
+        for _, images, fold_of_row in decoded_splits(data, num_folds):
+            for lo in range(0, len(images), args.batch_size):
+                pixels = processor(images=images[lo : lo + args.batch_size], return_tensors="pt")["pixel_values"]
+                pixels = pixels.to(device(), dtype)
+                for fold in range(num_folds):
+                    if fold_of_row is None:
+                        chosen = pixels
+                    else:
+                        index = torch.as_tensor((fold_of_row[lo : lo + args.batch_size] == fold).nonzero()[0])
+                        if not len(index):
+                            continue
+                        chosen = pixels[index.to(pixels.device)]
+                    for emotion in emotions:
+                        models[(emotion, fold)](pixel_values=chosen).logits.float().softmax(-1).cpu()
+            rows += len(images)
+    rows_s = rows / (time.perf_counter() - start)
+    (model_dtype,) = {str(m.dtype).removeprefix("torch.") for m in models.values()}
+    return {"rows_s": rows_s, "precision": model_dtype}
+
+
+PIPELINES = {
+    "project": ("label()", run_project),
+    "pipeline": ('pipeline("image-classification"), batched', run_pipeline),
+    "processor_once": ("processor once + model forward", run_processor_once),
+}
+
+
+def report(results: dict) -> str:
+    """A plain-text summary; every figure and label comes from ``results``."""
+    lines = [
+        f"{results['experts']['label']} experts, {results['rows']} rows, batch {results['batch_size']}, "
+        f"{results['num_workers']} loader workers, {results['torch_threads']} torch threads, {results['device']}",
+        f"{results['repeats']} repeats after {results['warmup_rounds']} warm-up round(s); "
+        f"label()'s default precision here: {results['default_precision']}",
+    ]
+    for by_name in results["rows_per_s"].values():
+        for name, r in by_name.items():
+            lines.append(f"  {PIPELINES[name][0]:<45} {r['precision']:<9} {r['median']:>8.1f} rows/s")
+    for precision, ratio in results["ratios"].items():
+        verdict = "holds" if ratio["target_holds"] else "does not hold"
+        paired = ratio["paired_median"]
+        lines.append(f"  {DTYPES[precision]}: label() / pipeline {ratio['vs_pipeline']:.2f}x (paired "
+                     f"{paired['pipeline']:.2f}x; target >= {TARGET:g}x: {verdict}), label() / processor once "
+                     f"{ratio['vs_processor_once']:.2f}x (paired {paired['processor_once']:.2f}x)")  # fmt: skip
+    load = results["load_average_1min"]
+    lines.append(f"  1-min load average {load['start']} at the start, {load['end']} at the end; ratios: of the "
+                 "medians; paired: median of each round's ratio")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=2, help="loader workers, the same on every side")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of every pipeline first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for every side (default: torch's)")
     parser.add_argument("--sample-size", type=int, default=600)
+    parser.add_argument("--num-folds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--data", type=Path, default=None, help="a built folder instead of the sample")
     parser.add_argument("--preset", choices=("tiny", "base"), default=None,
                         help="untrained experts of this preset instead of the 1-step tiny ones")  # fmt: skip
+    parser.add_argument("--precisions", nargs="+", choices=tuple(DTYPES), default=None,
+                        help="default: fp32, and bf16 where label() runs in bf16 by default")  # fmt: skip
     parser.add_argument("--skip-pipeline", action="store_true",
                         help="only the project path, reported per expert (the GPU check: pipeline is CPU-bound)")  # fmt: skip
     args = parser.parse_args(argv)
-    data = args.data or sample_folder(args.out, args.sample_size)
-    manifest = random_experts(args.out, args.preset) if args.preset else experts_for(data, args.out)
-    if args.skip_pipeline:
-        forwards = expert_forwards(data)
-        runs = [run_project(data, manifest, args.out / "label-scores", args) for _ in range(args.repeats)]
-        rows_s = statistics.median(runs)
-        rows = sum(len(s) for s in load_splits(data, columns=("image_id",)).values())
-        results = {"rows": rows, "experts": f"8 x 2 {args.preset or 'tiny'}", "batch_size": args.batch_size,
-                   "rows_s": round(rows_s, 1), "expert_images_s": round(rows_s * forwards / rows, 1),
-                   "all_rows_s": [round(v, 1) for v in runs]}  # fmt: skip
-        print(json.dumps(results, indent=2))
-        (args.out / "label-only.json").write_text(json.dumps(results, indent=2))
-        return 0
     import torch
 
     from models.labeling import resolve_precision
 
-    # label() in float32 and in its default precision (bfloat16 where the CPU computes it), the pipeline
-    # as users call it (float32) and with its weights in bfloat16: every pair in one run, alternating.
-    runs = {
-        "project_fp32": lambda: run_project(data, manifest, args.out / "label-scores", args, "fp32"),
-        "project_auto": lambda: run_project(data, manifest, args.out / "label-scores", args, "auto"),
-        "pipeline_fp32": lambda: run_pipeline(data, manifest, args),
-        "pipeline_bf16": lambda: run_pipeline(data, manifest, args, torch.bfloat16),
-    }
-    timings = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            timings[name].append(run())
-    median = {name: round(statistics.median(v), 1) for name, v in timings.items()}
-    results = {
-        "rows": args.sample_size,
-        "experts": "8 x 2 tiny",
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "auto_precision": resolve_precision("cpu"),
-        "rows_per_s": median,
-        "all": {name: [round(x, 1) for x in v] for name, v in timings.items()},
-        "ratio_fp32_vs_pipeline": round(median["project_fp32"] / median["pipeline_fp32"], 2),
-        "ratio_auto_vs_pipeline": round(median["project_auto"] / median["pipeline_fp32"], 2),
-        "ratio_auto_vs_pipeline_bf16": round(median["project_auto"] / median["pipeline_bf16"], 2),
-    }
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.data or sample_folder(args.out, args.sample_size)
+    manifest = (random_experts(args.out, args.preset, args.num_folds) if args.preset
+                else experts_for(data, args.out, args.num_folds))  # fmt: skip
+    experts = describe_experts(manifest)
+    rows, forwards = expert_forwards(data, manifest)
+    default_precision = resolve_precision(device())
+    common = {"experts": experts, "rows": rows, "expert_forwards": forwards, "batch_size": args.batch_size,
+              "num_workers": args.num_workers, "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
+              "warmup_rounds": args.warmup, "device": device(), "default_precision": DTYPES[default_precision]}  # fmt: skip
+    if args.skip_pipeline:
+        runs = [run_project(data, manifest, args.out / "label-scores", args, "auto") for _ in range(args.repeats)]
+        rows_s = statistics.median(r["rows_s"] for r in runs)
+        results = {**common, "precision": runs[0]["precision"], "rows_s": round(rows_s, 1),
+                   "expert_images_s": round(rows_s * forwards / rows, 1),
+                   "all_rows_s": [round(r["rows_s"], 1) for r in runs]}  # fmt: skip
+        print(json.dumps(results, indent=2))
+        (args.out / "label-only.json").write_text(json.dumps(results, indent=2))
+        return 0
+
+    precisions = args.precisions or sorted({"fp32", default_precision}, key=list(DTYPES).index)
+    start_load = round(os.getloadavg()[0], 2)
+    timings = {p: {name: [] for name in PIPELINES} for p in precisions}
+    for round_ in range(args.warmup + args.repeats):  # alternate so that machine noise hits every pipeline alike
+        for p in precisions:
+            for name, (_, run) in PIPELINES.items():
+                extra = (args.out / "label-scores",) if name == "project" else ()
+                result = run(data, manifest, *extra, args, p)
+                if round_ >= args.warmup:
+                    timings[p][name].append(result)
+    rows_per_s, ratios = {}, {}
+    for p, by_name in timings.items():
+        rows_per_s[p] = {}
+        for name, runs in by_name.items():
+            (precision,) = {r["precision"] for r in runs}
+            rows_per_s[p][name] = {"precision": precision, "median": round(statistics.median(r["rows_s"] for r in runs), 1),
+                                   "runs": [round(r["rows_s"], 1) for r in runs]}  # fmt: skip
+        project = statistics.median(r["rows_s"] for r in by_name["project"])
+        pipe = statistics.median(r["rows_s"] for r in by_name["pipeline"])
+        once = statistics.median(r["rows_s"] for r in by_name["processor_once"])
+        paired = {other: round(statistics.median(a["rows_s"] / b["rows_s"] for a, b in
+                                                 zip(by_name["project"], by_name[other])), 2)
+                  for other in ("pipeline", "processor_once")}  # fmt: skip
+        ratios[p] = {"vs_pipeline": round(project / pipe, 2), "target_holds": project / pipe >= TARGET,
+                     "vs_processor_once": round(project / once, 2), "paired_median": paired}  # fmt: skip
+    results = {**common, "target_ratio": TARGET, "rows_per_s": rows_per_s, "ratios": ratios,
+               "load_average_1min": {"start": start_load, "end": round(os.getloadavg()[0], 2)}}  # fmt: skip
     print(json.dumps(results, indent=2))
+    print(report(results))
     (args.out / "label.json").write_text(json.dumps(results, indent=2))
     return 0
 
