@@ -279,7 +279,7 @@ def au_features(landmarks: np.ndarray, config: AUConfig | None = None,
 
 
 NUM_POINTS = 68
-DEFAULT_COMPONENTS = 24  # FusionConfig.shape_components' default
+DEFAULT_COMPONENTS = 24  # AUModelConfig.shape_components' default
 
 
 @dataclass

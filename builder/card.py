@@ -136,11 +136,13 @@ def _label_table(out: Path, splits: list[str]) -> str:
 def _soft_label_section(features, report: dict) -> str:
     experts = report["fingerprint"].get("experts")
     if experts:
-        fusion = report.get("fusion", experts["fusion"])
+        fusion = report["fusion"]
+        thresholds = report["subsets"]
         fitted = fusion.get("fitted_on")
         how = (
             f" (fitted: the pair that maximises the mean log-probability of the annotators' labels on "
-            f"{fitted['rows']} labelled rows with out-of-fold expert scores)"
+            f"{fitted['rows']} {fitted.get('split', 'train')} rows, whose expert scores are out-of-fold; no "
+            "validation label is used)"
             if fitted
             else ""
         )
@@ -149,6 +151,7 @@ def _soft_label_section(features, report: dict) -> str:
             [[name, *(report["configs"].get(name, {}).get(s, 0) for s in report["splits"])] for name in SUBSETS],
         )
         fallback = report.get("soft_labels_without_landmarks", {})
+        degenerate = report.get("degenerate_landmarks", {})
         au_model = fusion.get("au_model", {})
         shape, calibration = au_model.get("shape_model"), au_model.get("calibration")
         if shape and shape["components"]:
@@ -164,15 +167,17 @@ def _soft_label_section(features, report: dict) -> str:
             else "normalised EMFACS scores"
         )
         return (
-            "Soft labels were computed by this build (DESIGN §5 of affectnet-plus, a reimplementation: the "
-            "paper's exact recipe is not public): s = normalise((λ p̂ + (1 - λ) â) ^ (1 / T)), where p̂ are the "
+            "Soft labels were computed by this build (affectnet-plus `docs/method.md` §3-§6, a reimplementation: "
+            "the paper's exact recipe is not public): s = normalise((λ p̂ + (1 - λ) â) ^ (1 / T)), where p̂ are the "
             "cross-fitted scores of the 8 one-vs-rest ViT experts (a train row is scored by the experts that "
             "never saw its fold) and â the AU component: action units measured on the landmarks (frontalised, "
             "then denoised by a shape model of the build's faces), scored by their EMFACS prototypes or, where "
-            "calibrated, mapped to emotion probabilities by a model cross-fitted like the experts. The human "
-            "label never enters a row's s. Subsets: r = rank of s_h in s; easy if r = 1 and s_h >= "
-            f"{fusion['easy_min_confidence']}; difficult if r >= {fusion['difficult_min_rank']} or s_h < "
-            f"{fusion['difficult_max_confidence']}; challenging otherwise; -1 for human labels 8-10.\n\n"
+            "calibrated, mapped to emotion probabilities by a model cross-fitted like the experts. A row's own "
+            "human label is not an input of its s; labels enter only through what is fitted on many train rows "
+            "(the experts, the AU calibration and λ and T, when fitted). Subsets: r = rank of s_h in s; easy if "
+            f"r = 1 and s_h >= {thresholds['easy_min_confidence']}; difficult if r >= "
+            f"{thresholds['difficult_min_rank']} or s_h < {thresholds['difficult_max_confidence']}; challenging "
+            "otherwise; -1 for human labels 8-10.\n\n"
             + _table(
                 ["parameter", "value"],
                 [
@@ -182,8 +187,12 @@ def _soft_label_section(features, report: dict) -> str:
                     ["landmark shape model (denoising)", shape_text],
                     ["AU component", au_text],
                     ["rows without landmarks (experts only)", sum(fallback.values())],
-                    *([["expert inference precision", report["expert_precision"]]] if "expert_precision" in report
-                      else []),
+                    ["of which degenerate landmarks (`metadata_notes.jsonl`)", sum(degenerate.values())],
+                    *(
+                        [["expert inference precision", report["expert_precision"]]]
+                        if "expert_precision" in report
+                        else []
+                    ),
                 ],
             )
             + "\n\n"

@@ -4,7 +4,11 @@ Each photo's faces are found and cropped as a build crops them, annotated with t
 (landmarks, head pose, age, gender, ethnicity), scored by every expert of a manifest (a new photo is
 in no training fold, so each emotion's score is the mean over its folds), measured for action units
 on its landmarks, and fused (``builder.softlabel.fuse``) into a soft label. All faces of all photos
-are scored in batches.
+are scored in batches. ``dataset`` names a built folder whose fitted parameters are reused: the λ and
+T its soft labels were fused with (``fusion.json``) and its AU model (``au_model.json``); explicit
+``fusion`` and ``au_model`` arguments override them. A face whose landmarks are missing or degenerate
+(``builder.au.degenerate_landmarks``) gets null ``au_scores`` (with the reason) and a soft label from
+the experts alone.
 
 Example:
     >>> from builder.predict import predict
@@ -16,16 +20,63 @@ Example:
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from builder.au import AUModel, au_scores
+from builder.au import AUModel, au_scores, degenerate_landmarks
 from builder.softlabel import FusionConfig, fuse
+from builder.stage import file_sha256
 from core.schema import EMOTIONS, AffectNetPlusConfig
 from models.labeling import autocast_for, load_ensemble, score_batch
 from models.transforms import BatchTransform, decode_image
+
+AU_MODEL_FILE = "au_model.json"  # what a build saves in its folder (builder.export)
+FUSION_FILE = "fusion.json"
+
+
+@dataclass
+class PredictOptions:
+    """What ``predict`` scores new photos with (the ``predict`` command's options).
+
+    Args:
+        experts: experts/manifest.json, a folder holding one, or a Hub repo id holding one.
+        dataset: a folder built with these experts: fuse with the λ and T its soft labels were fused with
+            (its fusion.json, fitted or given) and score the AUs with its AU model (its au_model.json);
+            --expert-weight, --temperature and --au-model override them.
+        au_model: a build's au_model.json: score the AUs with its shape model and calibration, as that
+            build did (default: the --dataset folder's, else the EMFACS scores).
+        metadata: also estimate landmarks, head pose, age, gender, ethnicity.
+        whole_image: each photo is one face crop: no detection.
+        batch_size: faces per forward pass.
+    """
+
+    experts: str
+    dataset: str | None = None
+    au_model: str | None = None
+    metadata: bool = True
+    whole_image: bool = False
+    batch_size: int = 64
+
+
+def fitted_fusion(dataset, experts: Path | None = None) -> FusionConfig:
+    """The λ and T a built folder's soft labels were fused with (its ``fusion.json``).
+
+    Warns when ``experts`` is not the manifest that build used (its sha256 differs): the parameters were
+    chosen for that build's experts.
+    """
+    path = Path(dataset) / FUSION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset} has no {FUSION_FILE}: build it with --experts first")
+    saved = json.loads(path.read_text())
+    used = saved.get("experts", {}).get("manifest_sha256")
+    if experts is not None and used and file_sha256(experts) != used:
+        warnings.warn(f"{experts} is not the expert manifest {dataset} was built with; its λ and T were chosen "
+                      "for that build's experts", stacklevel=2)  # fmt: skip
+    return FusionConfig(expert_weight=saved["expert_weight"], temperature=saved["temperature"])
 
 
 def resolve_manifest(experts: str) -> Path:
@@ -52,6 +103,7 @@ def predict(
     whole_image: bool = False,
     batch_size: int = 64,
     au_model: str | None = None,
+    dataset: str | None = None,
 ) -> dict[str, list[dict] | dict]:
     """``{photo: [face, ...]}``, faces largest first, or ``{photo: {"error": reason, "detail": ...}}``.
 
@@ -60,15 +112,22 @@ def predict(
     ``gender``, ``ethnicity`` and the reasons of any that are missing. ``whole_image`` takes each photo
     as one face crop (no detection); without it a photo with no face has an empty list. ``au_model``
     is a build's ``au_model.json``: its shape model and AU calibration score the faces as that build
-    scored its rows (a new face is in no fold: the mean over folds); without it, the EMFACS scores.
+    scored its rows (a new face is in no fold: the mean over folds); without it (and without
+    ``dataset``), the EMFACS scores. ``dataset`` is a built folder: ``fusion`` defaults to the λ and T it
+    used and ``au_model`` to its ``au_model.json``. Without either, ``FusionConfig()``.
     """
     from builder.annotators import crop_to_photo, face_annotators, face_crops, run_annotators
     from builder.images import Rejected
 
+    manifest = resolve_manifest(experts)
+    if dataset is not None:
+        fusion = fusion or fitted_fusion(dataset, manifest)
+        if au_model is None and (Path(dataset) / AU_MODEL_FILE).is_file():
+            au_model = str(Path(dataset) / AU_MODEL_FILE)
     fusion = fusion or FusionConfig()
     fitted_au = AUModel.from_json(json.loads(Path(au_model).read_text())) if au_model else None
     config = AffectNetPlusConfig(source_format="imagefolder")
-    ensemble = load_ensemble(resolve_manifest(experts))
+    ensemble = load_ensemble(manifest)
     transform = BatchTransform(ensemble.image_size, ensemble.mean, ensemble.std).eval()
     annotators = face_annotators(config.crop_margin) if metadata else []
     report: dict[str, list[dict] | dict] = {}
@@ -96,6 +155,8 @@ def predict(
     expert = np.concatenate(scores).astype(np.float64)
     points = [r.get("landmarks") for r in annotated]
     landmarks = np.stack([np.full((68, 2), np.nan) if p is None else np.asarray(p, np.float64) for p in points])
+    degenerate = degenerate_landmarks(landmarks)
+    landmarks[degenerate] = np.nan  # no AU component: the experts alone make the soft label
     au = fitted_au.scores(landmarks, [""] * len(landmarks), "new") if fitted_au else au_scores(landmarks)
     soft = fuse(expert, au, fusion)
     margin = 0.0 if whole_image else config.crop_margin
@@ -106,6 +167,10 @@ def predict(
         face["expert_probs"] = [round(float(p), 4) for p in expert[i]]
         face["au_scores"] = None if np.isnan(au[i]).any() else [round(float(p), 4) for p in au[i]]
         if result.get("landmarks") is not None:
-            result["landmarks"] = np.round(crop_to_photo(result["landmarks"], box, margin, config.face_size), 2).tolist()
+            result["landmarks"] = np.round(
+                crop_to_photo(result["landmarks"], box, margin, config.face_size), 2
+            ).tolist()
         face.update(result)
+        if degenerate[i]:
+            face.setdefault("_reasons", {})["au_scores"] = "degenerate_landmarks"
     return report

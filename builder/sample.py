@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from builder.face3d import MEAN_FACE_68
-from builder.softlabel import FusionConfig, subsets
+from builder.softlabel import subsets
 from builder.sources import AFFECTNET_COLUMNS, AFFECTNET_VA_SENTINEL
 from core.schema import EMOTIONS, HUMAN_LABELS
 
@@ -1160,7 +1160,7 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
             noisy = (ex["noisy_landmarks"] - origin) * scale
             soft = np.round(ex["soft_label"], 4)
             soft = soft / soft.sum()
-            subset = int(subsets(soft[None], np.array([ex["human_label"]]), FusionConfig())[0])
+            subset = int(subsets(soft[None], np.array([ex["human_label"]]))[0])
             subset_counts[subset] += 1
             va = ex["written_va"]
             annotation = {

@@ -1,27 +1,27 @@
-"""Fusion of expert and AU scores into soft labels, and the complexity subsets (DESIGN §5, steps 3, 5, 6).
+"""Fusion of expert and AU scores into soft labels, and the complexity subsets (``docs/method.md`` §5, §6).
 
     s = normalise((λ p̂ + (1 - λ) â) ** (1 / T))
 
 p̂ is the experts' distribution (f_k normalised to sum to 1), â the AU component (``builder.au``).
-The human label never enters a row's s; the subsets measure how far s agrees with it. A row without
-landmarks (no â) is fused from the experts alone; a row without expert scores from the AU alone.
+A row's own human label is not an input of its s; the subsets measure how far s agrees with it. A row
+without landmarks (no â) is fused from the experts alone; a row without expert scores from the AU alone.
 
 λ and T can be fitted instead of set (``FusionConfig(fit=True)``, ``fit_fusion``): the pair that
-maximises the mean log-probability of the annotators' labels over the labelled rows whose expert
-scores are out-of-fold. That is calibration, two numbers for the whole dataset: annotators sample
-their label from what they perceive, so the likelihood of their labels is highest when s is as sharp
-as the truth and weighs the two components by how informative each is.
+maximises the mean log-probability of the annotators' labels over the rows it is given. A build
+gives it the train rows only, whose expert scores are out-of-fold (``docs/method.md`` §3); it never
+sees validation labels. Two numbers are fitted for the whole dataset.
 
 Example:
     >>> import numpy as np
-    >>> from builder.softlabel import FusionConfig, fuse, subsets
+    >>> from builder.softlabel import FusionConfig, SubsetConfig, fuse, subsets
     >>> s = fuse(np.eye(8)[[1]] * 0.9 + 0.01, np.eye(8)[[1]], FusionConfig())
-    >>> int(subsets(s, np.array([1]), FusionConfig())[0])  # the annotator agrees: easy
+    >>> int(subsets(s, np.array([1]), SubsetConfig())[0])  # the annotator agrees: easy
     0
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -29,53 +29,50 @@ import numpy as np
 from core.schema import EMOTIONS
 
 NUM_EMOTIONS = len(EMOTIONS)
-# A shape model is only fitted on at least this many faces per mode (a PCA of few faces learns their noise).
-SHAPE_ROWS_PER_COMPONENT = 10
 
 
 @dataclass
 class FusionConfig:
-    """Every parameter of the soft-label method; all of them are written to the dataset card.
+    """How the experts' scores and the AU component are fused (``docs/method.md`` §5).
 
     Args:
-        expert_weight: λ, the weight of the experts' distribution against the AU component.
-        temperature: T; below 1 sharpens the fused distribution, above 1 flattens it.
-        easy_min_confidence: easy needs rank 1 and s_h at least this.
-        difficult_max_confidence: s_h below this is difficult whatever its rank.
-        difficult_min_rank: rank of s_h (1 = largest) from which a row is difficult.
-        fit: choose λ and T by ``fit_fusion`` on the labelled rows instead of using the two above.
-        shape_components: modes of the ``builder.au.ShapeModel`` that denoises the landmarks before
-            the AU component (0: none). The model is fitted on the build's own faces and needs at
-            least ``SHAPE_ROWS_PER_COMPONENT`` faces per mode; with fewer the landmarks are used as they are.
-        calibrate_au: map the AU features to emotion probabilities with ``builder.au.AUCalibration``,
-            fitted on the train rows' annotator labels with the experts' folds, instead of the
-            normalised EMFACS scores.
-        au_l2: the calibration's L2 penalty on its (standardised) weights.
+        expert_weight: λ, the weight of the experts' distribution against the AU component, in [0, 1].
+        temperature: T > 0; below 1 sharpens the fused distribution, above 1 flattens it.
+        fit: choose λ and T instead: the pair under which the train rows' annotator labels are most
+            likely, given their out-of-fold expert scores (validation labels are never used); both are
+            recorded in the card.
     """
 
     expert_weight: float = 0.5
     temperature: float = 1.0
-    easy_min_confidence: float = 0.5
-    difficult_max_confidence: float = 0.15
-    difficult_min_rank: int = 3
     fit: bool = False
-    shape_components: int = 24
-    calibrate_au: bool = False
-    au_l2: float = 0.01
 
     def __post_init__(self):
         if not 0 <= self.expert_weight <= 1:
             raise ValueError(f"expert_weight must be in [0, 1], got {self.expert_weight}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class SubsetConfig:
+    """The thresholds of the complexity subsets (``docs/method.md`` §6).
+
+    Args:
+        easy_min_confidence: a row is easy when s_h ranks first and is at least this.
+        difficult_max_confidence: a row whose s_h is below this is difficult, whatever its rank.
+        difficult_min_rank: the rank of s_h (1 = largest) from which a row is difficult.
+    """
+
+    easy_min_confidence: float = 0.5
+    difficult_max_confidence: float = 0.15
+    difficult_min_rank: int = 3
+
+    def __post_init__(self):
         if not 0 <= self.difficult_max_confidence < self.easy_min_confidence <= 1:
             raise ValueError("need 0 <= difficult_max_confidence < easy_min_confidence <= 1")
         if not 2 <= self.difficult_min_rank <= NUM_EMOTIONS:
             raise ValueError(f"difficult_min_rank must be in 2..{NUM_EMOTIONS}, got {self.difficult_min_rank}")
-        if not 0 <= self.shape_components < 136:
-            raise ValueError(f"shape_components must be in 0..135, got {self.shape_components}")
-        if self.au_l2 < 0:
-            raise ValueError(f"au_l2 must be >= 0, got {self.au_l2}")
 
 
 def normalise(scores: np.ndarray) -> np.ndarray:
@@ -116,11 +113,12 @@ FIT_MAX_ROWS = 50_000
 def fit_fusion(
     expert_probs: np.ndarray, au_scores: np.ndarray, human_labels: np.ndarray, config: FusionConfig
 ) -> tuple[FusionConfig, dict]:
-    """λ and T that maximise the mean log s_h of the annotator labels h (rows with h in 0-7).
+    """λ and T that maximise the mean log s_h of the annotator labels h, over the rows with h in 0-7.
 
-    The expert scores must be out-of-fold (the labelling's cross-fitting gives that); at most
-    ``FIT_MAX_ROWS`` rows, drawn with a fixed seed, are used. Returns the fitted config (``fit`` off,
-    the thresholds kept) and what the fit saw.
+    The caller chooses the rows: a build passes its train rows, whose expert scores are out-of-fold
+    (``docs/method.md`` §3, §5). At most ``FIT_MAX_ROWS`` of them, drawn with a fixed seed, are used.
+    A grid search (``FIT_WEIGHTS`` x ``FIT_TEMPERATURES``) keeps the first best pair, rounded to 4
+    decimals. Returns the fitted config (``fit`` off) and what the fit saw (rows, mean log-likelihood).
 
     Example:
         >>> import numpy as np
@@ -155,12 +153,24 @@ def fit_fusion(
     return fitted, {"rows": int(len(rows)), "mean_log_likelihood": round(score, 4)}
 
 
-def subsets(soft_labels: np.ndarray, human_labels: np.ndarray, config: FusionConfig) -> np.ndarray:
-    """0 easy / 1 challenging / 2 difficult per row; -1 where the human label is not an emotion (8-10).
+def subsets(soft_labels: np.ndarray, human_labels: np.ndarray, config: SubsetConfig | None = None) -> np.ndarray:
+    """0 easy / 1 challenging / 2 difficult per row; -1 where the human label is not an emotion (8-10,
+    or negative: missing).
 
     r is the rank of s_h in s (1 = largest; ties count in h's favour). easy: r = 1 and s_h >= the
-    easy threshold; difficult: r >= difficult_min_rank or s_h < the difficult threshold; else challenging.
+    easy threshold; difficult: r >= difficult_min_rank or s_h < the difficult threshold; else
+    challenging (``docs/method.md`` §6). ``config`` defaults to ``SubsetConfig()``; a ``FusionConfig``
+    (which held the thresholds before ``SubsetConfig`` did, and holds none now) is read as the defaults,
+    with a ``DeprecationWarning``.
     """
+    if isinstance(config, FusionConfig):
+        warnings.warn("subsets takes a SubsetConfig: a FusionConfig holds no thresholds, the defaults are used",
+                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        config = None
+    if config is None:
+        config = SubsetConfig()
+    elif not isinstance(config, SubsetConfig):
+        raise TypeError(f"subsets takes a SubsetConfig (the thresholds), got {type(config).__name__}")
     soft_labels = np.asarray(soft_labels, dtype=np.float64)
     human_labels = np.asarray(human_labels)
     result = np.full(len(human_labels), -1, dtype=np.int64)

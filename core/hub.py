@@ -20,7 +20,7 @@ import fnmatch
 from contextlib import contextmanager
 from pathlib import Path
 
-from core.schema import LABELS_CONFIG, WORK_DIR
+from core.schema import BUILD_CONFIG_FILE, LABELS_CONFIG, WORK_DIR
 
 # Weights formats that unpickle on load: never published, and never loaded as weights.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -143,6 +143,7 @@ def push_dataset(
                 repo_type="dataset",
                 folder_path=str(folder),
                 delete_patterns=["data/**"],
+                ignore_patterns=[BUILD_CONFIG_FILE],  # local: it may name this machine's paths
                 commit_message="Upload AffectNet+ build",
             )
             return str(commit)

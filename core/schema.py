@@ -141,6 +141,8 @@ class AffectNetPlusConfig(datasets.BuilderConfig):
 # The layout of a built folder: these names are read by the build, the Hub I/O and the loaders.
 WORK_DIR = ".build"  # a build's work folder inside OUT; its presence means the build is unfinished
 LABELS_CONFIG = "labels"  # the config without images
+# A build's resolved options, for `build --config`: kept beside the data, never published (it may name local paths).
+BUILD_CONFIG_FILE = "build_config.json"
 
 
 def fold_of(image_id: str, num_folds: int) -> int:

@@ -28,32 +28,37 @@ def _sample(args) -> int:
     return 0
 
 
+class _ConfigFileParser(argparse.ArgumentParser):
+    """A subcommand parser whose ``--config FILE`` sets its defaults (``scripts.options.parse_args``):
+    options given on the command line override the file; a key that is no option is an error."""
+
+    _applying = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._applying:  # parse_args below parses with this parser again
+            return super().parse_known_args(args, namespace)
+        from scripts.options import parse_args
+
+        self._applying = True
+        try:
+            return parse_args(self, args), []
+        finally:
+            self._applying = False
+
+
 def _build(args) -> int:
-    from affectnet_plus import AffectNetPlusConfig
-    from builder.export import BuildOptions, build
+    from builder.export import AUModelConfig, BuildInputs, BuildOptions, FusionConfig, SubsetConfig, build
+    from core.schema import AffectNetPlusConfig
+    from scripts.options import from_args
 
-    config = AffectNetPlusConfig(
-        source_format=args.format,
-        face_size=args.face_size,
-        crop_margin=args.crop_margin,
-        jpeg_quality=args.jpeg_quality,
-        pose_unit=args.pose_unit,
-        # Image folders and CSV lists give no face box: find the face, unless told the images are crops.
-        detect_faces=args.metadata and args.face_detection and args.format in ("imagefolder", "csv"),
-    )
-    options = BuildOptions(
-        shard_rows=args.shard_rows, num_proc=args.num_proc, overwrite=args.overwrite, progress=not args.quiet
-    )
-    from builder.softlabel import FusionConfig
-
-    fusion = FusionConfig(
-        expert_weight=args.expert_weight, temperature=args.temperature, fit=args.fit_fusion,
-        shape_components=args.shape_components, calibrate_au=args.calibrate_au,
-    )  # fmt: skip
+    inputs = from_args(BuildInputs, args)
+    # Image folders and CSV lists give no face box: find the face, unless told the images are crops.
+    config = from_args(AffectNetPlusConfig, args, detect_faces=inputs.detect_faces(args.source_format))
     report = build(
-        args.source, args.out, config, options, experts=args.experts, fusion=fusion, recompute=args.recompute,
-        metadata=args.metadata, va_model=args.va_model,
-    )
+        args.source, args.out, config, from_args(BuildOptions, args), experts=inputs.experts,
+        fusion=from_args(FusionConfig, args), recompute=inputs.recompute, metadata=inputs.metadata,
+        va_model=inputs.va_model, subsets=from_args(SubsetConfig, args), au_model=from_args(AUModelConfig, args),
+    )  # fmt: skip
     rejected = sum(report["rejected"].values())
     print(f"{args.out}: read {report['read']}, written {report['written']}, rejected {rejected}")
     for reason, count in report["rejected"].items():
@@ -113,12 +118,18 @@ def _annotate(args) -> int:
 
 
 def _predict(args) -> int:
-    from builder.predict import predict
-    from builder.softlabel import FusionConfig
+    from dataclasses import replace
 
-    fusion = FusionConfig(expert_weight=args.expert_weight, temperature=args.temperature)
-    report = predict(args.photos, args.experts, fusion, metadata=args.metadata, whole_image=args.whole_image,
-                     batch_size=args.batch_size, au_model=args.au_model)  # fmt: skip
+    from builder.predict import PredictOptions, fitted_fusion, predict, resolve_manifest
+    from builder.softlabel import FusionConfig
+    from scripts.options import from_args
+
+    options = from_args(PredictOptions, args)
+    fusion = fitted_fusion(options.dataset, resolve_manifest(options.experts)) if options.dataset else FusionConfig()
+    # --expert-weight / --temperature are in args only when given (on the command line or by --config)
+    fusion = replace(fusion, **{k: getattr(args, k) for k in ("expert_weight", "temperature") if hasattr(args, k)})
+    report = predict(args.photos, options.experts, fusion, metadata=options.metadata, whole_image=options.whole_image,
+                     batch_size=options.batch_size, au_model=options.au_model, dataset=options.dataset)  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -190,17 +201,20 @@ def _show(args) -> int:
 
 def _train_experts(args) -> int:
     from models.expert import train_experts
-    from scripts.train_expert import train_config
+    from models.training import TrainConfig
+    from models.transforms import AugmentConfig
+    from scripts.options import from_args
 
     manifest = train_experts(
         args.data,
         args.output_dir,
-        train_config(args, args.output_dir),
+        from_args(TrainConfig, args),
         num_folds=args.num_folds,
         preset=args.preset,
         init_from=args.init_from,
         image_size=args.image_size,
         emotions=tuple(args.emotions),
+        augment=from_args(AugmentConfig, args),
     )
     for entry in manifest["experts"]:
         auroc = entry["metrics"].get("heldout_auroc")
@@ -246,77 +260,63 @@ def make_parser() -> argparse.ArgumentParser:
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(func=_sample)
 
+    from builder.export import BUILDER_CONFIG_FIELDS, AUModelConfig, BuildInputs, BuildOptions
+    from builder.predict import PredictOptions
+    from builder.softlabel import FusionConfig, SubsetConfig
+    from core.schema import AffectNetPlusConfig
+    from scripts.options import add_arguments, add_config_argument, field_help
+
+    # build and predict take --config FILE (e.g. a build's build_config.json): _ConfigFileParser applies it.
     build = commands.add_parser(
         "build",
         help="build the Hub-ready AffectNet+ folder from a source",
         description="Read SOURCE, crop faces to squares, and write OUT: Parquet shards under "
-        "data/<config>/, a dataset card (README.md) that load_dataset reads, build_report.json and "
-        "rejects.jsonl. Every source row is written or rejected with a reason. A killed build resumes "
-        "when run again with the same arguments.",
+        "data/<config>/, a dataset card (README.md) that load_dataset reads, build_report.json, "
+        "rejects.jsonl and build_config.json. Every source row is written or rejected with a reason. The "
+        "build runs in stages (crop, metadata, score, fit, fuse, export) with their own caches: a killed "
+        "build resumes when run again, and a changed option redoes only the stages it affects. `build "
+        "SOURCE --config OUT/build_config.json --out OUT` repeats a build.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    build.__class__ = _ConfigFileParser
+    helps = field_help(AffectNetPlusConfig)
     build.add_argument("source", help="source root folder (a CSV file for --format csv)")
-    build.add_argument("--format", choices=SOURCE_FORMATS, default="affectnet",
-                       help="affectnet: raw AffectNet (Manually_Annotated_file_lists/...); affectnet-plus: the "
-                       "official release (human_annotated/...); imagefolder: ROOT/<split>/<emotion>/*.jpg; "
-                       "csv: a path,label[,split] file")  # fmt: skip
     build.add_argument("--out", required=True, type=Path, help="output folder, e.g. affectnet_plus")
-    build.add_argument("--num-proc", type=int, default=1, help="worker processes decoding images")
-    build.add_argument("--shard-rows", type=int, default=1000, help="source rows per Parquet shard")
-    build.add_argument("--face-size", type=int, default=224, help="side of the stored face crop, px")
-    build.add_argument("--crop-margin", type=float, default=0.15, help="margin around the face box, per side")
-    build.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded crops")
-    build.add_argument("--pose-unit", choices=("degrees", "radians"), default="degrees",
-                       help="unit of the release's pose angles (stored in degrees)")  # fmt: skip
-    build.add_argument("--experts", default=None, metavar="MANIFEST",
-                       help="experts/manifest.json (affectnet-plus train-experts): add soft_label, subset, "
-                       "expert_probs and au_scores")  # fmt: skip
-    build.add_argument(
-        "--expert-weight", type=float, default=0.5, help="λ: weight of the experts against the AU scores"
-    )
-    build.add_argument("--temperature", type=float, default=1.0, help="T: < 1 sharpens the soft labels, > 1 flattens")
-    build.add_argument("--fit-fusion", action="store_true",
-                       help="choose λ and T instead: the pair under which the annotators' labels are most likely, "
-                       "on the labelled rows' out-of-fold scores (recorded in the card)")  # fmt: skip
-    build.add_argument("--calibrate-au", action="store_true",
-                       help="map the AU features to emotion probabilities with a logistic regression fitted on the "
-                       "train rows' labels, cross-fitted with the experts' folds, instead of the plain EMFACS "
-                       "prototype scores (recorded in the card)")  # fmt: skip
-    build.add_argument("--shape-components", type=int, default=24, metavar="K",
-                       help="denoise the landmarks with a K-mode shape model of the build's faces before measuring "
-                       "action units (0: off; skipped with fewer than 10 faces per mode)")  # fmt: skip
-    build.add_argument("--recompute", action="store_true",
-                       help="with --experts on the AffectNet+ release: replace its soft labels and subsets")  # fmt: skip
-    build.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=True,
-                       help="fill the metadata columns the source lacks with offline face models: landmarks, "
-                       "head pose, age, gender, ethnicity (needs `pip install .[faces]` and "
-                       "`affectnet-plus fetch-models`)")  # fmt: skip
-    build.add_argument("--va-model", default=None, metavar="DIR",
-                       help="with --metadata: a valence/arousal regressor (scripts/train_va.py) that estimates "
-                       "valence and arousal for sources without them")  # fmt: skip
-    build.add_argument("--face-detection", action=argparse.BooleanOptionalAction, default=True,
-                       help="with --metadata, on image folders and CSV lists: find the face and crop around the "
-                       "largest one (no face: the row is rejected); --no-face-detection takes each image as a crop")  # fmt: skip
-    build.add_argument("--overwrite", action="store_true", help="replace OUT if it holds another build")
-    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_argument(build)
+    source = build.add_argument_group("source: how it is read and cropped")
+    source.add_argument("--format", dest="source_format", choices=SOURCE_FORMATS, default="affectnet",
+                        help=helps["source_format"])  # fmt: skip
+    add_arguments(source, AffectNetPlusConfig, exclude=(*BUILDER_CONFIG_FIELDS, "source_format", "detect_faces"))
+    add_arguments(build, BuildInputs, title="what the build adds")
+    run = build.add_argument_group("how the build runs")
+    add_arguments(run, BuildOptions, exclude=("progress",))
+    run.add_argument("--quiet", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                     help="no progress bars")  # fmt: skip
+    fusion = build.add_argument_group("fusion (with --experts; docs/method.md §5)")
+    add_arguments(fusion, FusionConfig, exclude=("fit",))
+    fusion.add_argument("--fit-fusion", dest="fit", action=argparse.BooleanOptionalAction, default=False,
+                        help=field_help(FusionConfig)["fit"])  # fmt: skip
+    add_arguments(build, SubsetConfig, title="complexity subsets (with --experts; docs/method.md §6)")
+    add_arguments(build, AUModelConfig, title="AU component (with --experts; docs/method.md §4)")
     build.set_defaults(func=_build)
 
-    from affectnet_plus import EMOTIONS
-    from scripts.train_expert import add_expert_arguments, add_training_arguments
+    from core.schema import EMOTIONS
+    from models.expert import ExpertConfig
+    from scripts.options import add_arguments
 
     experts = commands.add_parser(
         "train-experts",
         help="train all 8 emotions x K folds one-vs-rest ViT experts and write experts/manifest.json",
         description="Train the cross-fitted expert ensemble: for each emotion and fold, a two-label ViT "
-        "trained on balanced one-vs-rest epochs of the train rows outside that fold. Experts already "
-        "finished in --output-dir are kept. For several GPUs, run it under `accelerate launch`.",
+        "trained on balanced one-vs-rest epochs of the train rows outside that fold (as `scripts/train.py "
+        "expert`, with the same options). Experts already finished in --output-dir are kept. For several GPUs, "
+        "run it under `accelerate launch`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_expert_arguments(experts)
-    experts.add_argument("--output-dir", required=True, type=Path, help="folder of the experts and manifest.json")
+    add_arguments(experts, ExpertConfig, exclude=("emotion", "fold", "push_to_hub"),
+                  helps={"output_dir": "folder of the experts (<emotion>-f<fold>/) and manifest.json"})  # fmt: skip
     experts.add_argument("--emotions", nargs="+", choices=EMOTIONS, default=list(EMOTIONS),
                          help="train only these emotions")  # fmt: skip
-    add_training_arguments(experts)
     experts.set_defaults(func=_train_experts)
 
     truth = commands.add_parser(
@@ -349,21 +349,21 @@ def make_parser() -> argparse.ArgumentParser:
         description="For each photo: every face (HOG detector; --whole-image takes the photo as the face), "
         "cropped as a build crops it, scored by the expert ensemble (mean over folds), measured for action "
         "units on its landmarks, fused into a soft label; with its metadata (landmarks, head pose, age, "
-        "gender, ethnicity). All faces are scored in batches.",
+        "gender, ethnicity). All faces are scored in batches. --dataset OUT fuses with the λ, T and AU model "
+        "that the build OUT used.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    predict.__class__ = _ConfigFileParser
     predict.add_argument("photos", nargs="+", help="image files")
-    predict.add_argument("--experts", required=True,
-                         help="experts/manifest.json, a folder holding one, or a Hub repo id holding one")  # fmt: skip
-    predict.add_argument("--expert-weight", type=float, default=0.5, help="λ: weight of the experts against the AUs")
-    predict.add_argument("--temperature", type=float, default=1.0, help="T: < 1 sharpens the soft labels")
-    predict.add_argument("--au-model", default=None, metavar="JSON",
-                         help="a build's au_model.json: score the AUs with its shape model and calibration, as that "
-                         "build did (default: the EMFACS scores)")  # fmt: skip
-    predict.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=True,
-                         help="also estimate landmarks, head pose, age, gender, ethnicity")  # fmt: skip
-    predict.add_argument("--whole-image", action="store_true", help="each photo is one face crop: no detection")
-    predict.add_argument("--batch-size", type=int, default=64, help="faces per forward pass")
+    add_config_argument(predict)
+    add_arguments(predict, PredictOptions)
+    fitted = "; default: the --dataset folder's, else %s"
+    add_arguments(predict, FusionConfig, exclude=("fit",), helps={
+        name: field_help(FusionConfig)[name].rstrip(".") + fitted % getattr(FusionConfig(), name)
+        for name in ("expert_weight", "temperature")})  # fmt: skip
+    for action in predict._actions:  # absent from args unless given: the --dataset folder's values stand
+        if action.dest in ("expert_weight", "temperature"):
+            action.default = argparse.SUPPRESS
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(func=_predict)
 

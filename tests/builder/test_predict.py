@@ -84,3 +84,31 @@ def test_experts_from_a_hub_repository(experts, tmp_path, fake_hub):
     remote = predict([path], repo, metadata=False, whole_image=True)
     local = predict([path], str(experts), metadata=False, whole_image=True)
     assert remote == local
+
+
+def test_predict_fuses_with_the_parameters_a_build_saved(experts, tmp_path, capsys):
+    from builder.stage import file_sha256
+
+    path = tmp_path / "face.jpg"
+    face_image(96, 96, seed=2).save(path)
+    built = tmp_path / "affectnet_plus"  # what a build with --experts leaves next to its data
+    built.mkdir()
+    saved = {"expert_weight": 0.3, "temperature": 0.5, "experts": {"manifest_sha256": file_sha256(experts)}}
+    (built / "fusion.json").write_text(json.dumps(saved))
+    (face,) = predict([path], str(experts), metadata=False, whole_image=True, dataset=str(built))[str(path)]
+    expert = normalise(np.asarray([face["expert_probs"]]))
+    sharpened = normalise(expert**2)[0]  # no landmarks: the experts alone, at the build's T = 0.5
+    np.testing.assert_allclose([face["soft_label"][e] for e in EMOTIONS], sharpened, atol=5e-4)
+    # --dataset on the command line; an explicit --temperature wins over the build's
+    argv = ["predict", str(path), "--experts", str(experts), "--whole-image", "--no-metadata", "--json"]
+    assert cli([*argv, "--dataset", str(built)]) == 0
+    assert json.loads(capsys.readouterr().out)[str(path)][0]["soft_label"] == face["soft_label"]
+    assert cli([*argv, "--dataset", str(built), "--temperature", "1"]) == 0
+    plain = json.loads(capsys.readouterr().out)[str(path)][0]["soft_label"]
+    np.testing.assert_allclose([plain[e] for e in EMOTIONS], expert[0], atol=5e-4)
+    # parameters fitted for other experts are used, with a warning
+    (built / "fusion.json").write_text(json.dumps({**saved, "experts": {"manifest_sha256": "0" * 16}}))
+    with pytest.warns(UserWarning, match="not the expert manifest"):
+        predict([path], str(experts), metadata=False, whole_image=True, dataset=str(built))
+    with pytest.raises(FileNotFoundError, match="no fusion.json"):
+        predict([path], str(experts), metadata=False, whole_image=True, dataset=str(tmp_path))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from builder.softlabel import FusionConfig, fit_fusion, fuse, normalise, subsets, validate
+from builder.softlabel import FusionConfig, SubsetConfig, fit_fusion, fuse, normalise, subsets, validate
 
 
 def _one_hot(k, confidence=0.9):
@@ -41,7 +41,7 @@ def test_rows_without_landmarks_fall_back_to_experts_and_vice_versa():
 
 
 def test_subsets_follow_the_rank_and_confidence_rule():
-    config = FusionConfig()
+    config = SubsetConfig()
     soft = np.stack(
         [
             _one_hot(1, 0.8),  # h=1 ranks first with 0.8: easy
@@ -54,6 +54,12 @@ def test_subsets_follow_the_rank_and_confidence_rule():
     )
     human = np.array([1, 1, 0, 2, 0, 9])
     assert subsets(soft, human, config).tolist() == [0, 1, 1, 2, 2, -1]
+    assert subsets(soft, human).tolist() == [0, 1, 1, 2, 2, -1]  # the defaults
+    assert subsets(soft, human, SubsetConfig(easy_min_confidence=0.9)).tolist() == [1, 1, 1, 2, 2, -1]
+    with pytest.warns(DeprecationWarning, match="SubsetConfig"):  # a FusionConfig holds no thresholds
+        assert subsets(soft, human, FusionConfig()).tolist() == [0, 1, 1, 2, 2, -1]
+    with pytest.raises(TypeError, match="SubsetConfig"):
+        subsets(soft, human, {"easy_min_confidence": 0.9})
 
 
 def test_validation_names_bad_rows():
@@ -74,7 +80,9 @@ def test_config_is_checked():
     with pytest.raises(ValueError):
         FusionConfig(temperature=0)
     with pytest.raises(ValueError):
-        FusionConfig(easy_min_confidence=0.1, difficult_max_confidence=0.2)
+        SubsetConfig(easy_min_confidence=0.1, difficult_max_confidence=0.2)
+    with pytest.raises(ValueError):
+        SubsetConfig(difficult_min_rank=1)
 
 
 def test_fit_recovers_the_informative_input_and_the_sharpness():
@@ -83,9 +91,9 @@ def test_fit_recovers_the_informative_input_and_the_sharpness():
     human = np.array([rng.choice(8, p=t) for t in truth])  # annotators sample what they perceive
     blurred = truth ** (1 / 2.0)  # an input twice as flat as the truth (in log space): T = 0.5 undoes it
     noise = rng.dirichlet(np.ones(8), 4000)
-    fitted, info = fit_fusion(blurred, noise, human, FusionConfig(fit=True, easy_min_confidence=0.6))
+    fitted, info = fit_fusion(blurred, noise, human, FusionConfig(fit=True))
     assert fitted.expert_weight >= 0.9 and 0.4 <= fitted.temperature <= 0.6
-    assert fitted.easy_min_confidence == 0.6 and not fitted.fit and info["rows"] == 4000
+    assert not fitted.fit and info["rows"] == 4000
     swapped, _ = fit_fusion(noise, blurred, human, FusionConfig(fit=True))
     assert swapped.expert_weight <= 0.1
     # rows without an emotion label are not used; none at all is an error

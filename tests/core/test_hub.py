@@ -227,9 +227,11 @@ def test_pushed_build_names_no_local_path(make_affectnet, tmp_path, request):
 
     files = hub.files("dataset", f"{USER}/clean")
     local = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert set(files) == local  # what the folder holds and nothing else: no work folder, no temporary file
+    # what the folder holds and nothing else (no work folder, no temporary file), but the local build config
+    assert set(files) == local - {"build_config.json"} and "build_config.json" in local
     assert {"README.md", "build_report.json", "rejects.jsonl"} <= local
-    assert all(p in {"README.md", "build_report.json", "rejects.jsonl"} or p.startswith("data/") for p in local)
+    assert all(p in {"README.md", "build_report.json", "rejects.jsonl", "build_config.json"} or p.startswith("data/")
+               for p in local)
     needles = _local_paths(tmp_path, root, out, outside)
     assert _leaks(files, needles) == {}
 
