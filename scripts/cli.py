@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from core.schema import SOURCE_FORMATS
+from scripts.options import ConfigFileParser
 
 
 def _sample(args) -> int:
@@ -26,24 +27,6 @@ def _sample(args) -> int:
         contact_sheet(args.grid, config)
     print(json.dumps(summary, indent=2))
     return 0
-
-
-class _ConfigFileParser(argparse.ArgumentParser):
-    """A subcommand parser whose ``--config FILE`` sets its defaults (``scripts.options.parse_args``):
-    options given on the command line override the file; a key that is no option is an error."""
-
-    _applying = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._applying:  # parse_args below parses with this parser again
-            return super().parse_known_args(args, namespace)
-        from scripts.options import parse_args
-
-        self._applying = True
-        try:
-            return parse_args(self, args), []
-        finally:
-            self._applying = False
 
 
 def _build(args) -> int:
@@ -241,7 +224,8 @@ def make_parser() -> argparse.ArgumentParser:
         description="Rebuild AffectNet+ (soft labels, complexity subsets, metadata) from AffectNet or the "
         "official release, as a Hub-ready dataset folder that load_dataset reads.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Subcommands with a --config FILE option take their defaults from it (scripts.options.ConfigFileParser).
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ConfigFileParser)
 
     sample = commands.add_parser(
         "sample",
@@ -266,7 +250,6 @@ def make_parser() -> argparse.ArgumentParser:
     from core.schema import AffectNetPlusConfig
     from scripts.options import add_arguments, add_config_argument, field_help
 
-    # build and predict take --config FILE (e.g. a build's build_config.json): _ConfigFileParser applies it.
     build = commands.add_parser(
         "build",
         help="build the Hub-ready AffectNet+ folder from a source",
@@ -278,7 +261,6 @@ def make_parser() -> argparse.ArgumentParser:
         "SOURCE --config OUT/build_config.json --out OUT` repeats a build.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    build.__class__ = _ConfigFileParser
     helps = field_help(AffectNetPlusConfig)
     build.add_argument("source", help="source root folder (a CSV file for --format csv)")
     build.add_argument("--out", required=True, type=Path, help="output folder, e.g. affectnet_plus")
@@ -313,6 +295,7 @@ def make_parser() -> argparse.ArgumentParser:
         "run it under `accelerate launch`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add_config_argument(experts)
     add_arguments(experts, ExpertConfig, exclude=("emotion", "fold", "push_to_hub"),
                   helps={"output_dir": "folder of the experts (<emotion>-f<fold>/) and manifest.json"})  # fmt: skip
     experts.add_argument("--emotions", nargs="+", choices=EMOTIONS, default=list(EMOTIONS),
@@ -353,7 +336,6 @@ def make_parser() -> argparse.ArgumentParser:
         "that the build OUT used.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    predict.__class__ = _ConfigFileParser
     predict.add_argument("photos", nargs="+", help="image files")
     add_config_argument(predict)
     add_arguments(predict, PredictOptions)

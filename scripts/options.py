@@ -196,7 +196,36 @@ def parse_args(parser, argv=None):
         unknown = sorted(set(values) - set(dests))
         if unknown:
             parser.error(f"--config {path}: unknown options {', '.join(unknown)}")
-        for name in values:
+        for name, value in values.items():
+            choices = dests[name].choices
+            if choices is not None and value is not None and value not in choices:
+                parser.error(f"--config {path}: {name} must be one of {', '.join(map(str, choices))}, got {value!r}")
             dests[name].required = False
         parser.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+class ConfigFileParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose ``--config FILE`` (``add_config_argument``) sets its defaults, as
+    ``parse_args`` does; made for subcommands: ``add_subparsers(parser_class=ConfigFileParser)``.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> commands = parser.add_subparsers(dest="command", parser_class=ConfigFileParser)
+        >>> run = commands.add_parser("run")
+        >>> add_config_argument(run); _ = run.add_argument("--seed", type=int, default=0)
+        >>> parser.parse_args(["run", "--seed", "3"]).seed
+        3
+    """
+
+    _applying = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._applying or not any(a.dest == CONFIG_OPTION for a in self._actions):
+            return super().parse_known_args(args, namespace)
+        self._applying = True  # parse_args parses with this parser again, without the file step
+        try:
+            return parse_args(self, args), []
+        finally:
+            self._applying = False
+
