@@ -51,7 +51,7 @@ from pathlib import Path
 
 import datasets
 
-from builder import stage_crop, stage_export, stage_fit, stage_fuse, stage_metadata, stage_score
+from builder import stage_crop, stage_export, stage_fit, stage_fuse, stage_metadata
 from builder.softlabel import FusionConfig, SubsetConfig
 from builder.sources import open_source
 from builder.stage import Stage, write_json_atomic
@@ -267,6 +267,8 @@ def build(
     meta_digest = meta.digest if meta else None
     score = fit = fuse = None
     if manifest is not None:
+        from builder import stage_score  # torch: only a build with experts pays for importing it
+
         score = Stage(work, stage_score.NAME, stage_score.fingerprint(crop.digest, manifest))
         num_folds = score.fingerprint["experts"]["num_folds"]
         fit = Stage(work, stage_fit.NAME, stage_fit.fingerprint(crop.digest, meta_digest, score.digest, num_folds,
