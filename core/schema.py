@@ -21,7 +21,7 @@ import datasets
 import numpy as np
 from datasets import Array2D, ClassLabel, Features, Image, List, Value
 
-# AffectNet's expression codes, in AffectNet's order. Soft labels cover the first eight.
+# AffectNet's emotion codes (the values of ``human_label``), in AffectNet's order. Soft labels cover the first eight.
 EMOTIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
 HUMAN_LABELS = EMOTIONS + ("none", "uncertain", "non_face")
 SUBSETS = ("easy", "challenging", "difficult")
