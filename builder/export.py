@@ -60,7 +60,8 @@ from builder.stage_fit import AUModelConfig
 from builder.stage_metadata import metadata_annotators
 from core.schema import BUILD_CONFIG_FILE, WORK_DIR, AffectNetPlusConfig, select_features
 
-__all__ = ["AUModelConfig", "BuildInputs", "BuildOptions", "FusionConfig", "SubsetConfig", "build",
+__all__ = ["AUModelConfig", "BuildInputs", "BuildOptions", "FusionConfig", "SubsetConfig", "TooManyRejections",
+           "build", "check_rejections",
            "metadata_annotators", "resolved_config"]  # fmt: skip
 
 AU_MODEL_FILE = "au_model.json"  # the fitted AU component (builder.au.AUModel), for predict --dataset / --au-model
@@ -82,18 +83,53 @@ class BuildOptions:
         overwrite: delete OUT first when it holds another build (a folder a build wrote: one with
             build_report.json or .build/fingerprint.json); any other folder is refused.
         progress: show progress bars.
+        max_rejected_fraction: a build whose split rejects more than this share of its rows, or that
+            writes no row at all, fails (``TooManyRejections``) after writing the folder and rejects.jsonl,
+            so that a wrong --format or a broken copy is never taken for a dataset.
     """
 
     shard_rows: int = 1000
     num_proc: int = 1
     overwrite: bool = False
     progress: bool = True
+    max_rejected_fraction: float = 0.05
 
     def __post_init__(self):
         if self.shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}")
         if self.num_proc < 1:
             raise ValueError(f"num_proc must be >= 1, got {self.num_proc}")
+        if not 0 <= self.max_rejected_fraction <= 1:
+            raise ValueError(f"max_rejected_fraction must be in [0, 1], got {self.max_rejected_fraction}")
+
+
+class TooManyRejections(RuntimeError):
+    """A finished build that wrote no row, or rejected more than ``max_rejected_fraction`` of a split;
+    ``report`` is its build report (the folder and its rejects.jsonl are kept for inspection)."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def check_rejections(report: dict, max_rejected_fraction: float) -> None:
+    """Raises ``TooManyRejections`` unless the build wrote rows and every split kept enough of them.
+
+    Example:
+        >>> try:
+        ...     check_rejections({"written": 9, "splits": {"train": {"read": 10, "written": 9}}}, 0.05)
+        ... except TooManyRejections as err:
+        ...     print(err)
+        train: 1 of 10 rows rejected (10.0% > 5.0%, --max-rejected-fraction); see rejects.jsonl
+    """
+    if report["written"] == 0:
+        raise TooManyRejections(f"no row was written ({report['read']} read); see rejects.jsonl", report)
+    bad = [f"{split}: {c['read'] - c['written']} of {c['read']} rows rejected "
+           f"({(c['read'] - c['written']) / c['read']:.1%} > {max_rejected_fraction:.1%}, --max-rejected-fraction)"
+           for split, c in report["splits"].items()
+           if c["read"] and (c["read"] - c["written"]) / c["read"] > max_rejected_fraction]  # fmt: skip
+    if bad:
+        raise TooManyRejections("; ".join(bad) + "; see rejects.jsonl", report)
 
 
 @dataclass
@@ -329,4 +365,5 @@ def build(
     report = stage_export.run(export, out, shards, read, crop.dir, dirs, notes_dirs, features, reader, config,
                               report_fields, export_files, options.progress)  # fmt: skip
     shutil.rmtree(work)
+    check_rejections(report, options.max_rejected_fraction)
     return report

@@ -30,24 +30,39 @@ def _sample(args) -> int:
 
 
 def _build(args) -> int:
-    from builder.export import AUModelConfig, BuildInputs, BuildOptions, FusionConfig, SubsetConfig, build
+    from builder.export import (
+        AUModelConfig,
+        BuildInputs,
+        BuildOptions,
+        FusionConfig,
+        SubsetConfig,
+        TooManyRejections,
+        build,
+    )
     from core.schema import AffectNetPlusConfig
     from scripts.options import from_args
 
     inputs = from_args(BuildInputs, args)
     # Image folders and CSV lists give no face box: find the face, unless told the images are crops.
     config = from_args(AffectNetPlusConfig, args, detect_faces=inputs.detect_faces(args.source_format))
-    report = build(
-        args.source, args.out, config, from_args(BuildOptions, args), experts=inputs.experts,
-        fusion=from_args(FusionConfig, args), recompute=inputs.recompute, metadata=inputs.metadata,
-        va_model=inputs.va_model, subsets=from_args(SubsetConfig, args), au_model=from_args(AUModelConfig, args),
-    )  # fmt: skip
+    failure = None
+    try:
+        report = build(
+            args.source, args.out, config, from_args(BuildOptions, args), experts=inputs.experts,
+            fusion=from_args(FusionConfig, args), recompute=inputs.recompute, metadata=inputs.metadata,
+            va_model=inputs.va_model, subsets=from_args(SubsetConfig, args), au_model=from_args(AUModelConfig, args),
+        )  # fmt: skip
+    except TooManyRejections as err:  # the folder is written: show what happened, then fail
+        report, failure = err.report, err
     rejected = sum(report["rejected"].values())
     print(f"{args.out}: read {report['read']}, written {report['written']}, rejected {rejected}")
     for reason, count in report["rejected"].items():
         print(f"  rejected {count:>6}  {reason}")
     if rejected:
         print(f"  details: {Path(args.out) / 'rejects.jsonl'}")
+    if failure is not None:
+        print(f"affectnet-plus build: error: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

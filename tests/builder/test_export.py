@@ -18,6 +18,7 @@ from builder.sources import AffectNetPlusReader, AffectNetReader
 from tests.conftest import affectnet_row, face_image, write_release_annotation
 
 QUIET = BuildOptions(progress=False)
+TOLERANT = BuildOptions(progress=False, max_rejected_fraction=1.0)  # for sources made of bad rows
 
 
 def _files(out: Path) -> dict[str, str]:
@@ -94,7 +95,7 @@ def test_every_row_is_written_or_rejected_with_its_reason(make_affectnet, tmp_pa
     _bomb_png(images / "bomb.jpg")
 
     out = tmp_path / "out"
-    report = build(root, out, AffectNetPlusConfig(), QUIET)
+    report = build(root, out, AffectNetPlusConfig(), TOLERANT)
     assert report["read"] == 15
     assert report["written"] == 6  # ok, gray, cmyk, png, exif + the validation row
     assert report["rejected"] == {
@@ -422,7 +423,7 @@ def test_image_folder_build_estimates_metadata_and_rejects_what_has_no_face(tmp_
     kinds = _photo_folder(tmp_path / "photos")
     out = tmp_path / "built"
     config = AffectNetPlusConfig(source_format="imagefolder", detect_faces=True)
-    report = build(tmp_path / "photos", out, config, QUIET, metadata=True)
+    report = build(tmp_path / "photos", out, config, TOLERANT, metadata=True)
     rejected = {json.loads(line)["image_id"].split("/")[-1]: json.loads(line)["reason"]
                 for line in (out / "rejects.jsonl").read_text().splitlines()}  # fmt: skip
     assert rejected == {stem: kind for stem, kind in kinds.items() if kind != "face"}
@@ -476,3 +477,29 @@ def test_report_plots_soft_labels_subsets_and_metadata(built_sample, experts, tm
     # a folder without soft labels gets the metadata-free, soft-label-free page, not an error
     assert cli(["report", str(built_sample), "--out", str(tmp_path / "plain")]) == 0
     assert "no soft labels" in (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_a_build_that_rejects_too_much_or_writes_nothing_fails_and_keeps_its_output(make_affectnet, tmp_path, capsys):
+    from builder.export import TooManyRejections
+    from scripts.cli import main as cli
+
+    rows = [affectnet_row(f"0/{i}.jpg", label=i % 8, seed=i) for i in range(10)]
+    root = make_affectnet({"train": rows})
+    (root / "Manually_Annotated_Images" / "0" / "3.jpg").unlink()  # 1 of 10 rejected: 10% > 5%
+    with pytest.raises(TooManyRejections, match=r"train: 1 of 10 rows rejected \(10.0% > 5.0%"):
+        build(root, tmp_path / "strict", AffectNetPlusConfig(), QUIET)
+    # the folder is finished and kept for inspection
+    assert json.loads((tmp_path / "strict" / "build_report.json").read_text())["rejected"] == {"missing_file": 1}
+    assert len((tmp_path / "strict" / "rejects.jsonl").read_text().splitlines()) == 1
+    # a threshold above the share passes (negative control)
+    ok = build(root, tmp_path / "lenient", AffectNetPlusConfig(), BuildOptions(progress=False, max_rejected_fraction=0.1))
+    assert ok["written"] == 9
+    # the command line prints the summary and exits non-zero
+    assert cli(["build", str(root), "--out", str(tmp_path / "cli"), "--no-metadata", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "read 10, written 9, rejected 1" in captured.out and "--max-rejected-fraction" in captured.err
+    # nothing written at all fails whatever the threshold
+    for i in range(10):
+        (root / "Manually_Annotated_Images" / "0" / f"{i}.jpg").unlink(missing_ok=True)
+    with pytest.raises(TooManyRejections, match="no row was written"):
+        build(root, tmp_path / "empty", AffectNetPlusConfig(), TOLERANT)

@@ -214,7 +214,7 @@ def test_pushed_build_names_no_local_path(make_affectnet, tmp_path, request):
     (images / "link.jpg").unlink()
     os.symlink(outside, images / "link.jpg")
     out = tmp_path / "site" / "affectnet_plus"
-    report = build(root, out, AffectNetPlusConfig(), BuildOptions(progress=False))
+    report = build(root, out, AffectNetPlusConfig(), BuildOptions(progress=False, max_rejected_fraction=1.0))
     assert report["written"] == 4 and report["rejected"] == {
         "empty_file": 1, "missing_file": 1, "not_an_image": 1, "path_escapes_root": 3, "truncated_image": 1}  # fmt: skip
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
