@@ -230,7 +230,7 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> Path:
     else:
         shutil.rmtree(work, ignore_errors=True)  # killed before the fingerprint was written: start afresh
     work.mkdir(parents=True, exist_ok=True)
-    for stale in work.glob("tmp-*"):
+    for stale in work.glob(".tmp-*"):
         stale.unlink()
     write_json_atomic(state, fingerprint, work)
     return work

@@ -36,6 +36,8 @@ from pathlib import Path
 
 from datasets.arrow_writer import ParquetWriter
 
+from core import files
+
 FINGERPRINT_FILE = "FINGERPRINT.json"
 DONE_FILE = "DONE.json"
 KILL_ENV = "AFFECTNET_PLUS_KILL_AFTER"
@@ -57,21 +59,18 @@ def file_sha256(path) -> str:
 
 
 def write_atomic(path: Path, data: bytes | str, work: Path) -> None:
-    """Writes ``data`` to a temporary file in ``work`` (same file system) and renames it to ``path``."""
-    tmp = work / f"tmp-{os.getpid()}-{path.name}"
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)
+    """Writes ``data`` through a temporary file in ``work`` (the build's own file system), renamed to ``path``."""
+    files.write_atomic(path, data, work)
 
 
 def write_json_atomic(path: Path, value, work: Path, indent: int | None = 2, sort_keys: bool = True) -> None:
-    write_atomic(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n", work)
+    files.write_json_atomic(path, value, work, indent, sort_keys)
 
 
 def write_parquet_atomic(path: Path, features, work: Path, rows: dict | None = None, table=None) -> None:
     """Writes ``rows`` (a column dict) or an Arrow ``table`` as Parquet with the ``datasets`` schema
     metadata of ``features``, atomically."""
-    tmp = work / f"tmp-{os.getpid()}-{path.name}"
+    tmp = work / f".tmp-{os.getpid()}-{path.name}"
     writer = ParquetWriter(path=str(tmp), features=features)
     if table is not None:
         writer.write_table(table)

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.files import write_json_atomic
 from core.schema import EMOTIONS, folds
 from models import training
 from models.losses import balanced_cross_entropy
 from models.metrics import binary_metrics
-from models.training import RESULTS_FILE, Evaluation, ModelConfig, Task, TrainConfig, TrainingSet, write_json_atomic
+from models.training import RESULTS_FILE, Evaluation, ModelConfig, Task, TrainConfig, TrainingSet
 from models.transforms import AugmentConfig
 from models.vit import PRESETS, check_safetensors, make_processor, make_vit  # noqa: F401  (re-exported)
 

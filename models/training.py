@@ -43,6 +43,7 @@ from accelerate.utils import RNG_STATE_NAME, set_seed
 from accelerate.utils import load as accelerate_load
 from transformers import get_cosine_schedule_with_warmup
 
+from core.files import write_json_atomic
 from models.transforms import AugmentConfig, BatchTransform
 from models.vit import PRESETS, make_processor, processor_stats
 
@@ -618,14 +619,6 @@ def evaluate(accelerator: Accelerator, model, transform, loader, metrics_fn) -> 
 
 
 # -- the model folder -------------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, value) -> None:
-    """Writes ``value`` as JSON to ``path`` through a temporary sibling and a rename: never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def resolved_config(config: ModelConfig) -> dict:

@@ -101,7 +101,7 @@ def test_a_full_build_killed_inside_every_stage_resumes_to_identical_bytes(small
     run = _cli_build(small_sample, out, *args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert _files(out) == _files(reference)
-    assert not work.exists() and not any(p.name.startswith("tmp-") for p in out.rglob("*"))
+    assert not work.exists() and not any(p.name.startswith(".tmp-") for p in out.rglob("*"))
 
 
 def _perturb(weights: Path) -> None:
