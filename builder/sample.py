@@ -40,7 +40,7 @@ import io
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +172,7 @@ class SampleConfig:
 
     n: int = 1000
     seed: int = 0
-    layout: str = "affectnet"
+    layout: str = field(default="affectnet", metadata={"choices": ("affectnet", "affectnet-plus")})
     min_image_size: int = 320
     max_image_size: int = 640
     validation_fraction: float = 0.1

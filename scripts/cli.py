@@ -20,8 +20,9 @@ from scripts.options import ConfigFileParser
 
 def _sample(args) -> int:
     from builder.sample import SampleConfig, contact_sheet, write_sample
+    from scripts.options import from_args
 
-    config = SampleConfig(n=args.n, seed=args.seed, layout=args.layout)
+    config = from_args(SampleConfig, args)
     summary = write_sample(args.out, config, progress=not args.quiet, overwrite=args.overwrite)
     if args.grid:
         contact_sheet(args.grid, config)
@@ -248,12 +249,14 @@ def make_parser() -> argparse.ArgumentParser:
         description="Render a deterministic sample of synthetic faces whose true soft label, head pose and "
         "landmarks are known, written exactly like raw AffectNet (or like the AffectNet+ release) plus "
         "ground_truth.jsonl. A stand-in that proves the pipeline; its numbers say nothing about AffectNet.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    from builder.sample import SampleConfig
+    from scripts.options import add_arguments, add_config_argument
+
     sample.add_argument("out", type=Path, help="output folder")
-    sample.add_argument("--n", type=int, default=1000, help="number of images (default: 1000)")
-    sample.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
-    sample.add_argument("--layout", choices=("affectnet", "affectnet-plus"), default="affectnet",
-                        help="raw AffectNet layout or the AffectNet+ release layout (default: affectnet)")  # fmt: skip
+    add_config_argument(sample)
+    add_arguments(sample, SampleConfig, title="what to render (builder.sample.SampleConfig)")
     sample.add_argument("--grid", type=Path, help="also write a contact sheet PNG of some faces here")
     sample.add_argument("--overwrite", action="store_true", help="replace a sample already in OUT")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")

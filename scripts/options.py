@@ -107,7 +107,7 @@ def add_arguments(parser, cls, exclude=(), title: str | None = None, helps: dict
             continue
         default = _default(field)
         option = "--" + field.name.replace("_", "-")
-        kwargs = dict(dest=field.name, help=texts.get(field.name, ""))
+        kwargs = dict(dest=field.name, help=texts.get(field.name, "").replace("%", "%%"))  # argparse formats help
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]
         if base is bool:

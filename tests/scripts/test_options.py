@@ -73,3 +73,19 @@ def test_a_config_file_with_an_unknown_key_or_a_bad_choice_is_an_error(tmp_path)
     config.write_text("data: d\nmode: z\n")  # a choice is checked in the file too
     with pytest.raises(SystemExit):
         _parser().parse_args(["run", "--config", str(config)])
+
+
+def test_a_percent_sign_in_a_docstring_does_not_break_help():
+    @dataclass
+    class Noisy:
+        """Noise.
+
+        Args:
+            share: about 5 % of the rows.
+        """
+
+        share: float = 0.05
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Noisy)
+    assert "about 5 % of the rows" in parser.format_help()
