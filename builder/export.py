@@ -58,14 +58,12 @@ from builder.stage import Stage, write_json_atomic
 from builder.stage_crop import shard_name  # noqa: F401  (re-exported)
 from builder.stage_fit import AUModelConfig
 from builder.stage_metadata import metadata_annotators
-from core.schema import BUILD_CONFIG_FILE, WORK_DIR, AffectNetPlusConfig, select_features
+from core.schema import AU_MODEL_FILE, BUILD_CONFIG_FILE, FUSION_FILE, WORK_DIR, AffectNetPlusConfig, select_features
 
 __all__ = ["AUModelConfig", "BuildInputs", "BuildOptions", "FusionConfig", "SubsetConfig", "TooManyRejections",
            "build", "check_rejections",
            "metadata_annotators", "resolved_config"]  # fmt: skip
 
-AU_MODEL_FILE = "au_model.json"  # the fitted AU component (builder.au.AUModel), for predict --dataset / --au-model
-FUSION_FILE = "fusion.json"  # the λ and T the soft labels were fused with, for predict --dataset
 SOFT_LABEL_COLUMNS = stage_fuse.COLUMNS
 STATE_FILE = "fingerprint.json"  # OUT/.build/fingerprint.json: this folder is a build in progress
 # The fields of datasets.BuilderConfig, which AffectNetPlusConfig inherits but a build does not use.

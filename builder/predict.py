@@ -30,12 +30,9 @@ import torch
 from builder.au import AUModel, au_scores, degenerate_landmarks
 from builder.softlabel import FusionConfig, fuse
 from builder.stage import file_sha256
-from core.schema import EMOTIONS, AffectNetPlusConfig
+from core.schema import AU_MODEL_FILE, EMOTIONS, FUSION_FILE, AffectNetPlusConfig
 from models.labeling import autocast_for, load_ensemble, score_batch
 from models.transforms import BatchTransform, decode_image
-
-AU_MODEL_FILE = "au_model.json"  # what a build saves in its folder (builder.export)
-FUSION_FILE = "fusion.json"
 
 
 @dataclass

@@ -32,22 +32,19 @@ from tqdm.auto import tqdm
 
 from builder.card import render_card
 from builder.stage import Stage, read_columns, write_atomic, write_json_atomic, write_parquet_atomic
-from core.schema import LABELS_CONFIG, SUBSETS, labels_features
+from builder.stage_crop import shard_name
+from core.schema import AU_MODEL_FILE, BUILD_CONFIG_FILE, FUSION_FILE, LABELS_CONFIG, SUBSETS, labels_features
 
 NAME = "export"
 # What the export writes in OUT besides data/ (deleted when the export starts afresh).
-OUT_FILES = ("README.md", "build_report.json", "rejects.jsonl", "metadata_notes.jsonl", "au_model.json",
-             "fusion.json", "build_config.json")  # fmt: skip
+OUT_FILES = ("README.md", "build_report.json", "rejects.jsonl", "metadata_notes.jsonl", AU_MODEL_FILE, FUSION_FILE,
+             BUILD_CONFIG_FILE)  # fmt: skip
 
 
 def fingerprint(crop: str, metadata: str | None, fuse: str | None, features, settings: dict, shard_rows: int,
                 build_config: dict) -> dict:  # fmt: skip
     return {"crop": crop, "metadata": metadata, "fuse": fuse, "features": repr(features), "settings": settings,
             "shard_rows": shard_rows, "build_config": build_config}  # fmt: skip
-
-
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.parquet"
 
 
 def _default_shards(out: Path, split: str) -> list[Path]:
@@ -202,7 +199,7 @@ def run(stage: Stage, out: Path, shards: list[str], read: dict[str, int], crop_d
         write_atomic(out / "metadata_notes.jsonl", notes, stage.work)
         report["metadata_notes"] = count_notes(notes)
     for name, value in files.items():
-        write_json_atomic(out / name, value, stage.work, indent=None if name == "au_model.json" else 2)
+        write_json_atomic(out / name, value, stage.work, indent=None if name == AU_MODEL_FILE else 2)
     write_atomic(out / "README.md", str(render_card(out, reader, config, report, features)), stage.work)
     write_json_atomic(out / "build_report.json", report, stage.work)
     stage.finish()

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from builder.au import AUCalibration, AUModel, ShapeModel, au_features, degenerate_landmarks, shape_moments
 from builder.softlabel import FusionConfig, fit_fusion
 from builder.stage import Stage, read_columns, write_json_atomic
-from core.schema import HUMAN_LABELS, folds
+from core.schema import AU_MODEL_FILE, FUSION_FILE, HUMAN_LABELS, folds
 
 NAME = "fit"
 NON_FACE = HUMAN_LABELS.index("non_face")
@@ -154,7 +154,7 @@ def run(stage: Stage, shards: list[str], dirs: list[Path], score_dir: Path, au_c
     ``fusion.fit``, ``"fusion": {"expert_weight", "temperature", "fitted_on"}``."""
     if not stage.start():
         return stage.result()
-    saved = stage.dir / "au_model.json"
+    saved = stage.dir / AU_MODEL_FILE
     if saved.is_file():
         au_model = AUModel.from_json(json.loads(saved.read_text()))
     else:
@@ -163,7 +163,7 @@ def run(stage: Stage, shards: list[str], dirs: list[Path], score_dir: Path, au_c
         stage.wrote()
     result = {"au_model": au_model.info}
     if fusion.fit:
-        fitted = stage.dir / "fusion.json"
+        fitted = stage.dir / FUSION_FILE
         if fitted.is_file():
             result["fusion"] = json.loads(fitted.read_text())
         else:
@@ -174,4 +174,4 @@ def run(stage: Stage, shards: list[str], dirs: list[Path], score_dir: Path, au_c
 
 
 def load_au_model(stage: Stage) -> AUModel:
-    return AUModel.from_json(json.loads((stage.dir / "au_model.json").read_text()))
+    return AUModel.from_json(json.loads((stage.dir / AU_MODEL_FILE).read_text()))

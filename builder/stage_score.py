@@ -64,7 +64,7 @@ def fingerprint(crop_digest: str, manifest: Path) -> dict:
 
 
 class _Crops(torch.utils.data.Dataset):
-    """The JPEG cells of one crop shard -> uint8 tensors (3, size, size)."""
+    """The JPEG cells of one crop shard -> (uint8 tensor (3, size, size), row index)."""
 
     def __init__(self, cells: list, size: int):
         self.cells, self.size = cells, size
@@ -75,14 +75,14 @@ class _Crops(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         from models.transforms import decode_image
 
-        return decode_image(self.cells[index], self.size)
+        return decode_image(self.cells[index], self.size), index
 
 
 def run(stage: Stage, crop_dir: Path, shards: list[str], manifest: Path, num_workers: int, progress: bool) -> dict:
     """Runs (or resumes, or skips) the score stage over the crop shards ``shards``."""
     if not stage.start():
         return stage.result()
-    from models.labeling import autocast_for, load_ensemble, score_batch
+    from models.labeling import load_ensemble, score_loader
     from models.training import make_loader
     from models.transforms import BatchTransform
 
@@ -96,18 +96,10 @@ def run(stage: Stage, crop_dir: Path, shards: list[str], manifest: Path, num_wor
     for name in todo:
         table = pq.read_table(crop_dir / name, columns=["image_id", "image"])
         ids = table["image_id"].to_pylist()
-        row_folds = torch.as_tensor(folds(ids, ensemble.num_folds)) if name.startswith("train-") else None
+        row_folds = folds(ids, ensemble.num_folds) if name.startswith("train-") else None
         loader = make_loader(_Crops(table["image"].to_pylist(), ensemble.image_size), BATCH_SIZE,
                              num_workers=num_workers if len(ids) > BATCH_SIZE else 0)  # fmt: skip
-        parts, start = [], 0
-        for images in loader:
-            pixels = transform(images.to(device(), non_blocking=True))
-            batch = None if row_folds is None else row_folds[start : start + len(images)].to(pixels.device)
-            with autocast_for(device()):
-                parts.append(score_batch(ensemble, pixels, batch).cpu().numpy())
-            start += len(images)
-            bar.update(len(images))
-        scores = np.concatenate(parts) if parts else np.zeros((0, 8), np.float32)
+        scores = score_loader(ensemble, transform, loader, row_folds, device(), on_batch=bar.update)
         probs = pa.array([row.tolist() for row in scores.astype(np.float32)], type=pa.list_(pa.float32(), 8))
         write_parquet_atomic(
             stage.dir / name, features, stage.work, table=pa.table({"image_id": ids, "expert_probs": probs})

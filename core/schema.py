@@ -143,6 +143,9 @@ WORK_DIR = ".build"  # a build's work folder inside OUT; its presence means the 
 LABELS_CONFIG = "labels"  # the config without images
 # A build's resolved options, for `build --config`: kept beside the data, never published (it may name local paths).
 BUILD_CONFIG_FILE = "build_config.json"
+# With experts, a build also keeps what it fitted, which predict --dataset reads back.
+AU_MODEL_FILE = "au_model.json"  # the AU component (builder.au.AUModel)
+FUSION_FILE = "fusion.json"  # the λ and T the soft labels were fused with
 
 
 def fold_of(image_id: str, num_folds: int) -> int:

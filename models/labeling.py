@@ -161,6 +161,26 @@ def score_batch(ensemble: Ensemble, pixels: torch.Tensor, row_folds: torch.Tenso
     return scores
 
 
+@torch.inference_mode()
+def score_loader(ensemble: Ensemble, transform, loader, row_folds: np.ndarray | None, device, precision: str = "auto",
+                 on_batch=None) -> np.ndarray:  # fmt: skip
+    """(N, 8) expert probabilities of every batch ``(uint8 images, row indices)`` that ``loader`` yields.
+
+    ``row_folds[i]`` is the fold of train row ``i`` (its own fold's experts score it); ``None`` averages
+    every fold's expert. ``on_batch(n)`` is called after each batch of ``n`` rows (progress bars).
+    """
+    autocast = autocast_for(device, precision)
+    parts = []
+    for images, rows in loader:
+        pixels = transform(images.to(device, non_blocking=True))
+        batch_folds = None if row_folds is None else torch.as_tensor(row_folds[rows.numpy()], device=pixels.device)
+        with autocast:
+            parts.append(score_batch(ensemble, pixels, batch_folds).cpu().numpy())
+        if on_batch is not None:
+            on_batch(len(images))
+    return np.concatenate(parts) if parts else np.zeros((0, len(EMOTIONS)), np.float32)
+
+
 def _check_finite(probs: torch.Tensor, paths) -> None:
     if not torch.isfinite(probs).all():
         raise FloatingPointError(f"expert {', '.join(map(str, paths))} returned NaN or inf scores")
@@ -189,7 +209,6 @@ def label(config: LabelConfig, accelerator=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ensemble = load_ensemble(config.experts, accelerator.device)
     transform = BatchTransform(ensemble.image_size, ensemble.mean, ensemble.std).eval().to(accelerator.device)
-    autocast = autocast_for(accelerator.device, config.precision)
     with accelerator.main_process_first():
         splits = load_splits(config.data)
     counts = {}
@@ -206,15 +225,8 @@ def label(config: LabelConfig, accelerator=None) -> dict:
             loader = make_loader(
                 torch.utils.data.Subset(dataset, rows), config.batch_size, num_workers=config.num_workers
             )
-            parts = []
-            for images, row_index in loader:
-                pixels = transform(images.to(accelerator.device, non_blocking=True))
-                batch_folds = (
-                    None if row_folds is None else torch.as_tensor(row_folds[row_index.numpy()], device=pixels.device)
-                )
-                with autocast:
-                    parts.append(score_batch(ensemble, pixels, batch_folds).cpu())
-            _write_shard(path, [ids[i] for i in rows], torch.cat(parts).numpy())
+            scores = score_loader(ensemble, transform, loader, row_folds, accelerator.device, config.precision)
+            _write_shard(path, [ids[i] for i in rows], scores)
         counts[split_name] = len(split)
     accelerator.wait_for_everyone()
     return counts
