@@ -42,7 +42,8 @@ variation before anything is measured.
 Emotion scores follow EMFACS prototypes (docs/method.md §4): happy 6+12; sad 1+4+15; surprise 1+2+5+26;
 fear 1+2+4+5+20+26; disgust 9+15; anger 4+5+7+23; contempt the *unilateral* 12/14 (the difference
 between the two lip corners' rise); neutral 1 - max_j u_j. A score is the mean intensity of its
-prototype's AUs; the 8 scores are normalised to sum to 1.
+prototype's AUs, in [0, 1]: the presence a_k of emotion k. The 8 presences are independent; they
+do not sum to 1.
 
 The full-scale values are calibrated so that a full-intensity prototype of the bundled sample's face
 model gives intensity ~1, except contempt's, which is set above that (0.15) because the asymmetry of
@@ -56,7 +57,7 @@ Example:
     >>> import numpy as np
     >>> from builder.au import au_scores, reference_landmarks
     >>> scores = au_scores(reference_landmarks()[None] * 100 + 50)
-    >>> int(scores.argmax()), round(float(scores.sum()), 4)
+    >>> int(scores.argmax()), round(float(scores[0, 0]), 4)  # the reference face: neutral, fully
     (0, 1.0)
 """
 
@@ -67,7 +68,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from builder.face3d import MEAN_FACE_68
-from builder.softlabel import normalise
 from core.schema import EMOTIONS, folds
 
 AUS = ("AU1", "AU2", "AU4", "AU5", "AU6/7", "AU9", "AU12", "AU14", "AU15", "AU20", "AU23", "AU25", "AU26")
@@ -254,7 +254,7 @@ def _intensities(m: dict[str, np.ndarray], scale: dict[str, float]) -> np.ndarra
 
 def au_scores(landmarks: np.ndarray, config: AUConfig | None = None,
               shape_model: ShapeModel | None = None) -> np.ndarray:  # fmt: skip
-    """(N, 68, 2) landmarks -> (N, 8) EMFACS emotion scores, each row summing to 1 (NaN rows stay NaN)."""
+    """(N, 68, 2) landmarks -> (N, 8) EMFACS presences in [0, 1] (NaN rows stay NaN)."""
     return au_features(landmarks, config, shape_model)[:, len(AUS) :]
 
 
@@ -274,8 +274,7 @@ def au_features(landmarks: np.ndarray, config: AUConfig | None = None,
     for emotion, units in PROTOTYPES.items():
         scores[:, EMOTIONS.index(emotion)] = np.mean([column[name] for name in units], axis=0)
     scores[:, EMOTIONS.index("contempt")] = np.clip(asymmetry, 0, 1)
-    # All-zero only when a saturated AU belongs to no prototype (AU14, AU25): no evidence, uniform.
-    return np.concatenate([u, normalise(scores)], 1)
+    return np.concatenate([u, scores], 1)
 
 
 NUM_POINTS = 68
@@ -355,13 +354,15 @@ def shape_moments(landmarks: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
 
 @dataclass
 class AUCalibration:
-    """AU features -> emotion probabilities: a multinomial logistic regression per cross-fitting fold.
+    """AU features -> per-emotion presences: 8 one-vs-rest logistic regressions per cross-fitting fold.
 
     The EMFACS prototypes say which action units make an emotion but not how much each counts, how
     landmark noise blurs them, or how often each emotion occurs. This learns that from the annotators'
     labels, the way the experts learn from pixels: the fold-j model never sees fold j, so a train row
     is scored by the model of its own fold (one its label did not train) and every other row by the
     mean over folds. Features are the 21 columns of ``au_features``, standardised; L2 on the weights.
+    Each emotion's regression reads a label h as "h present, the others absent", so its output is a
+    presence in [0, 1] like the experts' (the 8 do not sum to 1).
 
     Example:
         >>> import numpy as np
@@ -398,14 +399,13 @@ class AUCalibration:
         return cls(np.stack(weights), mean, std, l2, int(len(labels)))
 
     def predict(self, features: np.ndarray, folds: np.ndarray) -> np.ndarray:
-        """(N, 21) features and each row's fold (-1 for rows no model trained on) -> (N, 8) probabilities.
+        """(N, 21) features and each row's fold (-1 for rows no model trained on) -> (N, 8) presences.
 
         NaN rows stay NaN.
         """
         x = np.concatenate([(features - self.feature_mean) / self.feature_std, np.ones((len(features), 1))], 1)
         logits = np.einsum("nf,jfk->njk", np.nan_to_num(x), self.weights)
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)  # (N, folds, 8)
+        probs = 1 / (1 + np.exp(-logits))  # (N, folds, 8)
         folds = np.asarray(folds)
         own = np.take_along_axis(probs, np.clip(folds, 0, None)[:, None, None], 1)[:, 0]
         result = np.where((folds >= 0)[:, None], own, probs.mean(1))
@@ -422,15 +422,18 @@ class AUCalibration:
 
 
 def _fit_logistic(x, y, l2: float) -> np.ndarray:
-    """Weights (features + bias, 8) of an L2-penalised multinomial logistic regression (bias unpenalised)."""
+    """Weights (features + bias, 8) of 8 L2-penalised one-vs-rest logistic regressions (bias unpenalised)."""
     import torch
 
     w = torch.zeros(x.shape[1], len(EMOTIONS), dtype=torch.float64, requires_grad=True)
+    target = torch.nn.functional.one_hot(y, len(EMOTIONS)).to(torch.float64)
     optimizer = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
 
     def loss():
         optimizer.zero_grad()
-        value = torch.nn.functional.cross_entropy(x @ w, y) + l2 * (w[:-1] ** 2).sum()
+        # Summed over the 8 emotions: each is its own regression, all share the optimiser step.
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, target, reduction="none").sum(1).mean()
+        value = bce + l2 * (w[:-1] ** 2).sum()
         value.backward()
         return value
 

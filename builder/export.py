@@ -7,7 +7,7 @@ Layout of the output folder (``load_dataset(OUT)`` reads it; after a push, ``loa
     OUT/build_report.json                           {"read": n, "written": n, "rejected": {reason: n}, ...}
     OUT/rejects.jsonl                               one line per rejected row: source, row, reason, detail
     OUT/metadata_notes.jsonl                        rows whose metadata or AU scores are null (and why)
-    OUT/au_model.json, OUT/fusion.json              with experts: the fitted AU model, the λ and T used
+    OUT/au_model.json, OUT/fusion.json              with experts: the fitted AU model, the λ used
                                                     (``predict --dataset OUT`` reads both)
     OUT/build_config.json                           the resolved options, without paths to SOURCE or OUT:
                                                     ``affectnet-plus build SOURCE --config OUT/build_config.json
@@ -46,12 +46,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import datasets
 
 from builder import stage_crop, stage_export, stage_fit, stage_fuse, stage_metadata
+from builder.recompute import RECOMPUTE, RecomputedSource
 from builder.softlabel import FusionConfig, SubsetConfig
 from builder.sources import open_source
 from builder.stage import Stage, write_json_atomic
@@ -137,8 +138,10 @@ class BuildInputs:
     Args:
         experts: an expert manifest.json (affectnet-plus train-experts): score every row with the experts
             and add soft_label, subset, expert_probs and au_scores.
-        recompute: with experts, on the AffectNet+ release: replace its soft labels and subsets with the
-            build's (without it such a build is refused, so release labels are never lost by accident).
+        recompute: on a source with its own soft labels and subsets (the AffectNet+ release):
+            `subsets` recomputes the subsets from its soft labels with the build's rule; `soft-labels`
+            (with experts) replaces both with the build's. The source's are kept as release_subset and
+            release_soft_label. With experts and without it such a build is refused.
         metadata: fill the metadata columns the source lacks with offline face models: landmarks, head
             pose, age, gender, ethnicity (needs `pip install .[faces]` and `affectnet-plus fetch-models`).
         face_detection: with metadata, on image folders and CSV lists: find the face and crop around the
@@ -148,7 +151,7 @@ class BuildInputs:
     """
 
     experts: str | None = None
-    recompute: bool = False
+    recompute: str | None = field(default=None, metadata={"choices": RECOMPUTE})
     metadata: bool = True
     face_detection: bool = True
     va_model: str | None = None
@@ -241,7 +244,7 @@ def build(
     options: BuildOptions | None = None,
     experts: str | None = None,
     fusion: FusionConfig | None = None,
-    recompute: bool = False,
+    recompute: str | None = None,
     metadata: bool = False,
     va_model: str | None = None,
     subsets: SubsetConfig | None = None,
@@ -258,9 +261,12 @@ def build(
         options: sharding, worker processes, overwrite, progress bars.
         experts: an expert ``manifest.json``; with it the build adds ``soft_label``, ``subset``,
             ``expert_probs`` and ``au_scores`` (``docs/method.md`` §3-§6).
-        fusion: λ and T, or fitting them (``FusionConfig()`` by default).
-        recompute: with ``experts``, replace soft labels and subsets that the source already has (the
-            official release's); without it such a build is refused, so release labels are never lost
+        fusion: λ, or fitting it (``FusionConfig()`` by default).
+        recompute: for a source with its own soft labels and subsets (the official release):
+            ``"subsets"`` recomputes the subsets from its soft labels with ``subsets``' rule;
+            ``"soft-labels"`` (with ``experts``) replaces soft labels and subsets with the build's. The
+            source's are kept as ``release_subset`` / ``release_soft_label`` (``builder.recompute``).
+            With ``experts`` and without it the build is refused, so release labels are never lost
             by accident.
         metadata: fill the metadata columns the source lacks with the offline face models
             (``metadata_annotators``: landmarks, head pose, age and gender, ethnicity).
@@ -278,11 +284,15 @@ def build(
     au_config = au_model or AUModelConfig()
     out = Path(out)
     reader = open_source(source, config)
-    if experts and "soft_label" in reader.columns and not recompute:
+    if experts and "soft_label" in reader.columns and recompute != "soft-labels":
         raise ValueError(
             f"{source} already has soft labels and subsets ({config.source_format}); they are kept unless you "
-            "pass --recompute to replace them with the experts' (or drop --experts)"
+            "pass --recompute soft-labels to replace them with the experts' (or drop --experts)"
         )
+    if recompute == "soft-labels" and not experts:
+        raise ValueError("--recompute soft-labels computes soft labels with experts: pass --experts too")
+    if recompute is not None:
+        reader = RecomputedSource(reader, recompute, subset_config)
     if va_model and not metadata:
         raise ValueError("a valence/arousal model is one of the metadata annotators: it needs --metadata")
     manifest = Path(experts) if experts else None
@@ -296,7 +306,10 @@ def build(
 
     # Every stage's fingerprint, from the arguments alone: computed before anything runs.
     work = out / WORK_DIR
-    crop = Stage(work, stage_crop.NAME, stage_crop.fingerprint(source, config, options.shard_rows))
+    crop_fingerprint = stage_crop.fingerprint(source, config, options.shard_rows)
+    if recompute is not None:
+        crop_fingerprint.update(reader.fingerprint())
+    crop = Stage(work, stage_crop.NAME, crop_fingerprint)
     meta = Stage(work, stage_metadata.NAME, stage_metadata.fingerprint(crop.digest, annotators)) if annotators else None
     meta_digest = meta.digest if meta else None
     score = fit = fuse = None
@@ -341,14 +354,15 @@ def build(
         stage_metadata.run(meta, crop.dir, shards, annotators, features, options.num_proc, options.progress)
         dirs.insert(0, meta.dir)
     report_fields = {"fingerprint": fingerprint}
+    if recompute == "subsets":  # the card states the rule the subsets were recomputed with
+        report_fields["subsets"] = asdict(subset_config)
     if manifest is not None:
         workers = 0 if options.num_proc == 1 else min(4, options.num_proc)  # DataLoader processes decoding crops
         stage_score.run(score, crop.dir, shards, manifest, workers, options.progress)
         fitted = stage_fit.run(fit, shards, dirs, score.dir, au_config, fusion, num_folds)
-        used = fitted.get("fusion") or {"expert_weight": fusion.expert_weight, "temperature": fusion.temperature}
+        used = fitted.get("fusion") or {"expert_weight": fusion.expert_weight}
         fused = stage_fuse.run(fuse, shards, dirs, score.dir, stage_fit.load_au_model(fit),
-                               FusionConfig(used["expert_weight"], used["temperature"]), subset_config,
-                               options.progress)  # fmt: skip
+                               FusionConfig(used["expert_weight"]), subset_config, options.progress)  # fmt: skip
         report_fields.update(
             fusion={**used, "au_model": fitted["au_model"]},
             subsets=asdict(subset_config),

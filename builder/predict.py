@@ -41,9 +41,9 @@ class PredictOptions:
 
     Args:
         experts: experts/manifest.json, a folder holding one, or a Hub repo id holding one.
-        dataset: a folder built with these experts: fuse with the λ and T its soft labels were fused with
+        dataset: a folder built with these experts: fuse with the λ its soft labels were fused with
             (its fusion.json, fitted or given) and score the AUs with its AU model (its au_model.json);
-            --expert-weight, --temperature and --au-model override them.
+            --expert-weight and --au-model override them.
         au_model: a build's au_model.json: score the AUs with its shape model and calibration, as that
             build did (default: the --dataset folder's, else the EMFACS scores).
         metadata: also estimate landmarks, head pose, age, gender, ethnicity.
@@ -60,7 +60,7 @@ class PredictOptions:
 
 
 def fitted_fusion(dataset, experts: Path | None = None) -> FusionConfig:
-    """The λ and T a built folder's soft labels were fused with (its ``fusion.json``).
+    """The λ a built folder's soft labels were fused with (its ``fusion.json``).
 
     Warns when ``experts`` is not the manifest that build used (its sha256 differs): the parameters were
     chosen for that build's experts.
@@ -71,9 +71,9 @@ def fitted_fusion(dataset, experts: Path | None = None) -> FusionConfig:
     saved = json.loads(path.read_text())
     used = saved.get("experts", {}).get("manifest_sha256")
     if experts is not None and used and file_sha256(experts) != used:
-        warnings.warn(f"{experts} is not the expert manifest {dataset} was built with; its λ and T were chosen "
+        warnings.warn(f"{experts} is not the expert manifest {dataset} was built with; its λ was chosen "
                       "for that build's experts", stacklevel=2)  # fmt: skip
-    return FusionConfig(expert_weight=saved["expert_weight"], temperature=saved["temperature"])
+    return FusionConfig(expert_weight=saved["expert_weight"])
 
 
 def resolve_manifest(experts: str) -> Path:
@@ -110,7 +110,7 @@ def predict(
     as one face crop (no detection); without it a photo with no face has an empty list. ``au_model``
     is a build's ``au_model.json``: its shape model and AU calibration score the faces as that build
     scored its rows (a new face is in no fold: the mean over folds); without it (and without
-    ``dataset``), the EMFACS scores. ``dataset`` is a built folder: ``fusion`` defaults to the λ and T it
+    ``dataset``), the EMFACS scores. ``dataset`` is a built folder: ``fusion`` defaults to the λ it
     used and ``au_model`` to its ``au_model.json``. Without either, ``FusionConfig()``.
     """
     from builder.annotators import crop_to_photo, face_annotators, face_crops, run_annotators

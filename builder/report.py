@@ -14,11 +14,12 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from core.schema import EMOTIONS, SUBSETS
+from core.schema import EMOTIONS, SUBSETS, as_distribution
 
 PLOT_SPLITS = ("train", "validation")  # the unlabeled split's labels are automatic: kept out of the plots
 
@@ -57,7 +58,7 @@ def soft_label_heatmap(human: np.ndarray, soft: np.ndarray, out: Path) -> str:
     image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(8), EMOTIONS, rotation=45, ha="right")
     ax.set_yticks(range(8), EMOTIONS)
-    ax.set_xlabel("soft label component")
+    ax.set_xlabel("emotion confidence (independent, in [0, 1])")
     ax.set_ylabel("human label")
     for i in range(8):
         for j in range(8):
@@ -88,14 +89,15 @@ def subset_composition(human: np.ndarray, subset: np.ndarray, out: Path) -> str:
 
 def entropy_histogram(soft: np.ndarray, subset: np.ndarray, out: Path) -> str:
     plt = _pyplot()
-    entropy = -(soft * np.log(np.clip(soft, 1e-12, None))).sum(1)
+    distribution = as_distribution(soft)  # the confidences, normalised: entropy needs a distribution
+    entropy = -(distribution * np.log(np.clip(distribution, 1e-12, None))).sum(1)
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     bins = np.linspace(0, np.log(8), 30)
     for s, (name, colour) in enumerate(zip(SUBSETS, ("#4caf50", "#ffb300", "#e53935"))):
         if (subset == s).any():
             ax.hist(entropy[subset == s], bins=bins, alpha=0.6, color=colour, label=f"{name} (n={(subset == s).sum()})")
     ax.axvline(np.log(8), color="grey", linestyle=":", label="uniform")
-    ax.set_xlabel("soft-label entropy (nats)")
+    ax.set_xlabel("entropy of the normalised soft label (nats)")
     ax.set_ylabel("rows")
     ax.legend(fontsize=8)
     ax.set_title("How spread the soft labels are, per subset")
@@ -204,6 +206,64 @@ def reliability_diagrams(runs: dict[str, dict], out: Path, bins: int = 10) -> st
     return _save(fig, out, "baselines_reliability.png")
 
 
+def release_agreement(columns: dict[str, list]) -> dict | None:
+    """How the build's soft labels and subsets agree with the release's (a ``--recompute`` build).
+
+    Over the rows with an emotion label and both values: per-emotion Pearson correlation of
+    ``soft_label`` with ``release_soft_label``, how often their argmax agrees, and how often
+    ``subset`` equals ``release_subset`` (with the 3 x 3 table, release in rows). ``None`` when the
+    folder keeps neither release column.
+
+    Example:
+        >>> cols = {"human_label": [1, 2], "subset": [0, 1], "release_subset": [0, 2]}
+        >>> release_agreement(cols)["subset_agreement"]
+        0.5
+    """
+    if "release_subset" not in columns and "release_soft_label" not in columns:
+        return None
+    human = np.asarray(columns["human_label"])
+    result: dict = {}
+    if "release_soft_label" in columns and "soft_label" in columns:
+        keep = [i for i, (h, a, b) in enumerate(zip(human, columns["soft_label"], columns["release_soft_label"]))
+                if h < len(EMOTIONS) and a is not None and b is not None]  # fmt: skip
+        ours = np.asarray([columns["soft_label"][i] for i in keep], dtype=np.float64).reshape(-1, len(EMOTIONS))
+        theirs = np.asarray([columns["release_soft_label"][i] for i in keep], dtype=np.float64).reshape(ours.shape)
+        correlation = {}
+        for k, name in enumerate(EMOTIONS):
+            x, y = ours[:, k], theirs[:, k]
+            correlation[name] = (float(np.corrcoef(x, y)[0, 1]) if len(keep) > 1 and x.std() > 0 and y.std() > 0
+                                 else float("nan"))  # fmt: skip
+        result.update(rows=len(keep), correlation=correlation,
+                      argmax_agreement=float((ours.argmax(1) == theirs.argmax(1)).mean()) if keep else float("nan"))
+    if "release_subset" in columns:
+        pairs = [(r, o) for h, r, o in zip(human, columns["release_subset"], columns["subset"])
+                 if h < len(EMOTIONS) and r is not None and o is not None and r >= 0 and o >= 0]  # fmt: skip
+        table = np.zeros((len(SUBSETS), len(SUBSETS)), dtype=np.int64)
+        for r, o in pairs:
+            table[r, o] += 1
+        result.update(subset_rows=len(pairs), subset_table=table.tolist(),
+                      subset_agreement=float(np.trace(table) / len(pairs)) if pairs else float("nan"))
+    return result
+
+
+def _agreement_section(agreement: dict) -> list[str]:
+    lines = ["", "## Agreement with the release's labels", "",
+             "This build recomputed labels that the official release gives; the release's are kept as "
+             "`release_soft_label` / `release_subset`.", ""]  # fmt: skip
+    if "correlation" in agreement:
+        lines += [f"Soft labels, over {agreement['rows']} rows: argmax agreement "
+                  f"{agreement['argmax_agreement']:.1%}; per-emotion Pearson correlation:", "",
+                  "| " + " | ".join(EMOTIONS) + " |", "|" + "---|" * len(EMOTIONS),
+                  "| " + " | ".join(f"{agreement['correlation'][e]:.3f}" for e in EMOTIONS) + " |", ""]  # fmt: skip
+    if "subset_table" in agreement:
+        lines += [f"Subsets, over {agreement['subset_rows']} rows: {agreement['subset_agreement']:.1%} agree "
+                  "(release in rows, this build in columns):", "",
+                  "| release \\ build | " + " | ".join(SUBSETS) + " |", "|---|" + "---|" * len(SUBSETS),
+                  *("| " + name + " | " + " | ".join(str(v) for v in row) + " |"
+                    for name, row in zip(SUBSETS, agreement["subset_table"]))]  # fmt: skip
+    return lines
+
+
 def write_report(folder, out, baselines=None) -> Path:
     """Writes ``out/report.md`` and its plots for the built folder ``folder``; returns the page's path.
 
@@ -233,6 +293,10 @@ def write_report(folder, out, baselines=None) -> Path:
         ]  # fmt: skip
     else:
         sections += ["", "This folder has no soft labels: build it with `--experts` to see them here."]
+    agreement = release_agreement(columns)
+    if agreement:
+        sections += _agreement_section(agreement)
+        (out / "release_agreement.json").write_text(json.dumps(agreement, indent=2) + "\n", encoding="utf-8")
     if baselines:
         runs = _baseline_runs(Path(baselines))
         sections += ["", "## Baselines: Hard-FER vs Soft-FER", "",

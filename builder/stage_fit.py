@@ -1,15 +1,15 @@
-"""Build stage 4, fit: the AU model of the build's faces and, with ``FusionConfig.fit``, λ and T.
+"""Build stage 4, fit: the AU model of the build's faces and, with ``FusionConfig.fit``, λ.
 
 The AU model (``builder.au.AUModel``, ``docs/method.md`` §4): a ``ShapeModel`` fitted on the landmarks of
 every written row whose human label is not non-face (no other label is used), when there are at least
 ``SHAPE_ROWS_PER_COMPONENT`` faces per mode; and, with ``AUModelConfig.calibrate_au``, an
 ``AUCalibration`` fitted on the train rows' annotator labels, one model per fold of the experts
-(§3). λ and T (§5): ``builder.softlabel.fit_fusion`` on the **train rows only**: their expert scores
+(§3). λ (§5): ``builder.softlabel.fit_fusion`` on the **train rows only**: their expert scores
 are out-of-fold and their calibrated AU scores cross-fitted, and no validation label is ever read.
 
 Landmarks come from the metadata stage's shards where it estimated them, else from the crop shards
 (the source's own). Missing landmarks are NaN; degenerate ones (``builder.au.degenerate_landmarks``)
-are set to NaN too: the shape model and the calibration leave such rows out, and the λ and T fit
+are set to NaN too: the shape model and the calibration leave such rows out, and the λ fit
 counts them as rows without landmarks (fused from the experts alone). Outputs in ``OUT/.build/fit/``: ``au_model.json``
 then, when fitted, ``fusion.json`` (λ, T and what the fit saw); a resumed stage reuses what it finds.
 
@@ -129,7 +129,7 @@ def _fit_au(shards: list[str], dirs: list[Path], au_config: AUModelConfig, num_f
 
 
 def _fit_fusion(shards: list[str], dirs: list[Path], score_dir: Path, fusion: FusionConfig, au_model: AUModel) -> dict:
-    """λ and T on the train rows (out-of-fold expert scores, their annotator labels); never other splits."""
+    """λ on the train rows (out-of-fold expert scores, their annotator labels); never other splits."""
     expert, au, human = [], [], []
     for name in (n for n in shards if n.startswith("train-")):
         ids, points, labels, _ = read_landmarks(name, dirs)
@@ -141,17 +141,16 @@ def _fit_fusion(shards: list[str], dirs: list[Path], score_dir: Path, fusion: Fu
         human.append(labels)
     if not expert or not any(len(h) for h in human):
         raise ValueError(
-            "--fit-fusion needs labelled train rows (λ and T are fitted on them only); this build has none"
+            "--fit-fusion needs labelled train rows (λ is fitted on them only); this build has none"
         )
     fitted, info = fit_fusion(np.concatenate(expert), np.concatenate(au), np.concatenate(human), fusion)
-    return {"expert_weight": fitted.expert_weight, "temperature": fitted.temperature,
-            "fitted_on": {"split": "train", **info}}  # fmt: skip
+    return {"expert_weight": fitted.expert_weight, "fitted_on": {"split": "train", **info}}
 
 
 def run(stage: Stage, shards: list[str], dirs: list[Path], score_dir: Path, au_config: AUModelConfig,
         fusion: FusionConfig, num_folds: int) -> dict:  # fmt: skip
     """Runs (or resumes, or skips) the fit stage; returns ``{"au_model": info}`` plus, with
-    ``fusion.fit``, ``"fusion": {"expert_weight", "temperature", "fitted_on"}``."""
+    ``fusion.fit``, ``"fusion": {"expert_weight", "fitted_on"}``."""
     if not stage.start():
         return stage.result()
     saved = stage.dir / AU_MODEL_FILE

@@ -1,7 +1,7 @@
 """Build stage 5, fuse: soft labels and complexity subsets (``docs/method.md`` §5, §6).
 
 Per crop shard: the AU component of its landmarks (the fit stage's ``AUModel``; train rows
-cross-fitted), fused with its expert scores by ``builder.softlabel.fuse`` under the λ and T used
+cross-fitted), fused with its expert scores by ``builder.softlabel.fuse`` under the λ used
 (fitted or given), checked by ``validate``, and the subsets against its human labels. A row without
 landmarks, or with degenerate ones (``builder.au.degenerate_landmarks``: all points equal, points on
 a line, ...), has null ``au_scores`` and a soft label from the experts alone; a degenerate row is
@@ -9,7 +9,7 @@ noted (``{"reasons": {"au_scores": "degenerate_landmarks"}}``) so that ``metadat
 card say so. Outputs in ``OUT/.build/fuse/``: ``<shard>.parquet`` with ``image_id``, ``soft_label``,
 ``subset``, ``expert_probs`` and ``au_scores``, and ``notes/<shard stem>.jsonl``, written before it.
 
-Fingerprint: the crop, metadata, score and fit stages' digests, the ``SubsetConfig`` and, when λ and T
+Fingerprint: the crop, metadata, score and fit stages' digests, the ``SubsetConfig`` and, when λ
 are not fitted, the ``FusionConfig`` (fitted ones are the fit stage's, in its digest).
 """
 
@@ -54,7 +54,7 @@ def notes_path(stage_dir: Path, shard: str) -> Path:
 
 def run(stage: Stage, shards: list[str], dirs: list[Path], score_dir: Path, au_model: AUModel,
         fusion: FusionConfig, subset_config: SubsetConfig, progress: bool) -> dict:  # fmt: skip
-    """Runs (or resumes, or skips) the fuse stage; ``fusion`` holds the λ and T to use.
+    """Runs (or resumes, or skips) the fuse stage; ``fusion`` holds the λ to use.
 
     Returns ``{"degenerate_landmarks": {split: rows}}``.
     """

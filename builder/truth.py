@@ -6,6 +6,8 @@ never saw them. Five candidate soft labels against the true mixture:
 
 (a) the experts alone (``expert_probs``), (b) the AU component alone (``au_scores``), (c) the fused
 ``soft_label``, (d) the annotator label one-hot, (e) the annotator label with label smoothing 0.1.
+(a)-(c) are 8 independent confidences; each is compared as a distribution
+(``core.schema.as_distribution``), since the truth is a mixture that sums to 1.
 
 Metrics: mean KL(true || candidate) (candidates clipped at 1e-6 so one-hot labels give a finite,
 large value) and how often the candidate's argmax is the true dominant emotion. Also: how often the
@@ -24,8 +26,7 @@ import json
 import numpy as np
 from datasets import load_dataset
 
-from builder.softlabel import normalise
-from core.schema import EMOTIONS
+from core.schema import EMOTIONS, as_distribution
 
 EPS = 1e-6
 SMOOTHING = 0.1
@@ -72,9 +73,9 @@ def truth_check(dataset_dir, ground_truth) -> dict:
     human = np.asarray(rows["human_label"])
     one_hot = np.eye(len(EMOTIONS))[human]
     candidates = {
-        "experts": normalise(np.asarray(rows["expert_probs"], dtype=np.float64)),
-        "au": np.asarray(rows["au_scores"], dtype=np.float64),
-        "fused": np.asarray(rows["soft_label"], dtype=np.float64),
+        "experts": as_distribution(rows["expert_probs"]),
+        "au": as_distribution(rows["au_scores"]),
+        "fused": as_distribution(rows["soft_label"]),
         "annotator": one_hot,
         "annotator_smoothed": one_hot * (1 - SMOOTHING) + SMOOTHING / len(EMOTIONS),
     }
