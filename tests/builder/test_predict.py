@@ -8,8 +8,8 @@ from PIL import Image
 
 from affectnet_plus import EMOTIONS
 from builder.au import AUCalibration, AUModel
-from builder.predict import predict, resolve_manifest
-from builder.softlabel import FusionConfig, normalise
+from builder.predict import fitted_fusion, predict, resolve_manifest
+from builder.softlabel import FusionConfig, fuse
 from scripts.cli import main as cli
 from tests.conftest import face_image
 
@@ -21,12 +21,14 @@ def test_predict_gives_soft_labels_and_metadata_per_face(experts, tmp_path, need
     Image.new("RGB", (200, 200), (90, 90, 90)).save(blank)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 broken")
-    report = predict([HOPPER, blank, broken], str(experts), FusionConfig(temperature=0.5))
+    report = predict([HOPPER, blank, broken], str(experts), FusionConfig(expert_weight=0.3))
     (face,) = report[str(HOPPER)]
     soft = np.array([face["soft_label"][e] for e in EMOTIONS])
-    assert abs(soft.sum() - 1) < 1e-3 and (soft >= 0).all()
+    assert ((soft >= 0) & (soft <= 1)).all()  # 8 independent confidences
     assert [e for e, _ in face["top"]] == [EMOTIONS[k] for k in np.argsort(-soft)[:3]]
-    assert all(0 <= p <= 1 for p in face["expert_probs"]) and abs(sum(face["au_scores"]) - 1) < 1e-3
+    assert all(0 <= p <= 1 for p in face["expert_probs"]) and all(0 <= a <= 1 for a in face["au_scores"])
+    expected = fuse(np.asarray([face["expert_probs"]]), np.asarray([face["au_scores"]]), FusionConfig(0.3))[0]
+    np.testing.assert_allclose(soft, expected, atol=5e-4)  # s = 0.3 f + 0.7 a, not renormalised
     assert np.asarray(face["landmarks"]).shape == (68, 2) and 0 <= face["age"] <= 100
     assert set(face["head_pose"]) == {"yaw", "pitch", "roll"} and len(face["ethnicity"]) == 5
     assert report[str(blank)] == [] and report[str(broken)]["error"] in ("not_an_image", "unreadable_file")
@@ -51,8 +53,8 @@ def test_without_metadata_the_experts_alone_make_the_soft_label(experts, tmp_pat
     for path in paths:
         (face,) = report[str(path)]
         assert face["au_scores"] is None and "age" not in face
-        expected = normalise(np.asarray([face["expert_probs"]]))[0]  # the experts alone, normalised
-        np.testing.assert_allclose([face["soft_label"][e] for e in EMOTIONS], expected, atol=5e-4)
+        # the experts alone, as they are (the soft label is not renormalised)
+        np.testing.assert_allclose([face["soft_label"][e] for e in EMOTIONS], face["expert_probs"], atol=5e-4)
     # the same faces one batch at a time: the same numbers
     again = predict(paths, str(experts), metadata=False, whole_image=True, batch_size=1)
     assert again == report
@@ -93,19 +95,18 @@ def test_predict_fuses_with_the_parameters_a_build_saved(experts, tmp_path, caps
     face_image(96, 96, seed=2).save(path)
     built = tmp_path / "affectnet_plus"  # what a build with --experts leaves next to its data
     built.mkdir()
-    saved = {"expert_weight": 0.3, "temperature": 0.5, "experts": {"manifest_sha256": file_sha256(experts)}}
+    saved = {"expert_weight": 0.3, "experts": {"manifest_sha256": file_sha256(experts)}}
     (built / "fusion.json").write_text(json.dumps(saved))
+    assert fitted_fusion(built) == FusionConfig(expert_weight=0.3)
     (face,) = predict([path], str(experts), metadata=False, whole_image=True, dataset=str(built))[str(path)]
-    expert = normalise(np.asarray([face["expert_probs"]]))
-    sharpened = normalise(expert**2)[0]  # no landmarks: the experts alone, at the build's T = 0.5
-    np.testing.assert_allclose([face["soft_label"][e] for e in EMOTIONS], sharpened, atol=5e-4)
-    # --dataset on the command line; an explicit --temperature wins over the build's
+    # no landmarks: the experts alone, whatever λ
+    np.testing.assert_allclose([face["soft_label"][e] for e in EMOTIONS], face["expert_probs"], atol=5e-4)
+    # --dataset on the command line; an explicit --expert-weight wins over the build's
     argv = ["predict", str(path), "--experts", str(experts), "--whole-image", "--no-metadata", "--json"]
     assert cli([*argv, "--dataset", str(built)]) == 0
     assert json.loads(capsys.readouterr().out)[str(path)][0]["soft_label"] == face["soft_label"]
-    assert cli([*argv, "--dataset", str(built), "--temperature", "1"]) == 0
-    plain = json.loads(capsys.readouterr().out)[str(path)][0]["soft_label"]
-    np.testing.assert_allclose([plain[e] for e in EMOTIONS], expert[0], atol=5e-4)
+    assert cli([*argv, "--dataset", str(built), "--expert-weight", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)[str(path)][0]["soft_label"] == face["soft_label"]
     # parameters fitted for other experts are used, with a warning
     (built / "fusion.json").write_text(json.dumps({**saved, "experts": {"manifest_sha256": "0" * 16}}))
     with pytest.warns(UserWarning, match="not the expert manifest"):
