@@ -1,8 +1,13 @@
-"""Losses of the ViT experts, computed explicitly.
+"""Losses of the project's models, computed explicitly.
 
-transformers 5 picks a loss from the labels' dtype (BCE for float labels), which is wrong for soft
-labels over mutually exclusive classes and for the experts' class-balanced objective; the training
-loop calls these on the logits instead. None of them syncs with the host, so they are cheap on GPU.
+transformers 5 picks a loss from the labels' dtype (BCE for float labels, whatever they mean), which is
+wrong for a distribution over mutually exclusive classes and for the experts' class-balanced objective;
+the training loop calls these on the logits instead, and each model says which one it learns. None of
+them syncs with the host, so they are cheap on GPU.
+
+Soft labels are 8 independent per-emotion confidences that do not sum to 1 (``docs/method.md``):
+``soft_cross_entropy`` takes a distribution, which the caller makes with ``core.schema.as_distribution``;
+``multilabel_bce`` takes the confidences as they are.
 
 Example:
     >>> import torch
@@ -26,7 +31,9 @@ def _float32_at_least(logits: Tensor) -> Tensor:
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy against probability targets: ``-(target * log_softmax(logits)).sum(-1).mean()``.
 
-    ``target`` has the logits' shape and its rows sum to 1 (not checked: that would sync with the host).
+    ``target`` has the logits' shape and its rows are distributions summing to 1 (not checked: that would
+    sync with the host). A soft label is not one: pass ``core.schema.as_distribution`` of it, over the
+    model's classes.
 
     Example:
         >>> soft_cross_entropy(torch.zeros(1, 2), torch.tensor([[0.5, 0.5]])).item()  # log 2
@@ -36,6 +43,22 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
         raise ValueError(f"target shape {tuple(target.shape)} != logits shape {tuple(logits.shape)}")
     log_probs = F.log_softmax(_float32_at_least(logits), dim=-1)
     return -(target.to(log_probs.dtype) * log_probs).sum(-1).mean()
+
+
+def multilabel_bce(logits: Tensor, target: Tensor) -> Tensor:
+    """Binary cross-entropy of each output's sigmoid against an independent confidence in [0, 1], averaged
+    over rows and classes: the multi-label reading of a soft label, each emotion present to some extent.
+
+    ``target`` has the logits' shape; its rows need not sum to anything.
+
+    Example:
+        >>> round(multilabel_bce(torch.zeros(1, 2), torch.tensor([[0.9, 0.6]])).item(), 4)  # log 2
+        0.6931
+    """
+    if target.shape != logits.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} != logits shape {tuple(logits.shape)}")
+    logits = _float32_at_least(logits)
+    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
 
 
 def balanced_cross_entropy(logits: Tensor, labels: Tensor, num_classes: int | None = None) -> Tensor:

@@ -1,8 +1,10 @@
-"""Evaluation metrics of the experts in plain numpy: AUROC, balanced accuracy, calibration error.
+"""Evaluation metrics in plain numpy: the experts' (AUROC, balanced accuracy, calibration error), the
+valence/arousal regressor's (CCC, RMSE) and the FER baselines' (``fer_metrics``).
 
 They take torch tensors (any device or dtype) or numpy arrays and return Python numbers. They know
 nothing of distributed training: callers gather predictions from all processes first (e.g. with
-``accelerator.gather_for_metrics``), then compute once.
+``accelerator.gather_for_metrics``), then compute once. Soft labels are independent confidences that do
+not sum to 1 (``docs/method.md``); the divergences normalise them with ``core.schema.as_distribution``.
 
 Example:
     >>> binary_metrics([0.9, 0.2, 0.7, 0.4], [1, 0, 1, 1])["auroc"]
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from core.schema import as_distribution
 
 
 def _numpy(values, dtype=None) -> np.ndarray:
@@ -177,7 +181,7 @@ def valence_arousal_metrics(predictions, targets) -> dict:
     return result
 
 
-# --- Facial-expression classifier metrics (the Hard-FER / Soft-FER baselines) ---
+# --- Facial-expression classifier metrics (the FER baselines) ---
 
 AGE_BUCKETS = ((0, 20, "<20"), (20, 40, "20-39"), (40, 60, "40-59"), (60, float("inf"), "60+"))
 
@@ -249,22 +253,30 @@ def _kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 def kl_divergence(soft_labels, probs) -> float:
     """Mean KL(soft label || predicted distribution) over rows, in nats.
 
+    A soft label holds independent confidences that do not sum to 1: each row is made a distribution with
+    ``core.schema.as_distribution`` first (a distribution stays as it is). ``probs`` are the predicted
+    distributions, rows summing to 1.
+
     Example:
         >>> round(kl_divergence([[0.5, 0.5]], [[0.9, 0.1]]), 4)
         0.5108
+        >>> round(kl_divergence([[0.8, 0.8]], [[0.9, 0.1]]), 4)  # the same label, as confidences
+        0.5108
     """
-    p, q = _numpy(soft_labels, np.float64), _numpy(probs, np.float64)
+    p, q = as_distribution(_numpy(soft_labels, np.float64)), _numpy(probs, np.float64)
     return float(_kl_rows(p, q).mean()) if len(p) else float("nan")
 
 
 def js_divergence(soft_labels, probs) -> float:
     """Mean Jensen-Shannon divergence between soft labels and predicted distributions, in nats (<= ln 2).
 
+    Soft labels are normalised as in ``kl_divergence``; ``probs`` rows sum to 1.
+
     Example:
         >>> round(js_divergence([[1.0, 0.0]], [[0.0, 1.0]]), 4)  # ln 2
         0.6931
     """
-    p, q = _numpy(soft_labels, np.float64), _numpy(probs, np.float64)
+    p, q = as_distribution(_numpy(soft_labels, np.float64)), _numpy(probs, np.float64)
     if not len(p):
         return float("nan")
     m = (p + q) / 2
@@ -277,8 +289,9 @@ def fer_metrics(logits, human_labels, soft_labels=None, groups: dict | None = No
     Args:
         logits: ``(N, C)`` class scores (softmax is applied; pass ``log(probs)`` for probabilities).
         human_labels: ``(N,)`` class indices in ``[0, C)``.
-        soft_labels: optional ``(N, C)`` distributions (rows summing to 1); rows with a non-finite value
-            are left out of ``kl_divergence`` / ``js_divergence``.
+        soft_labels: optional ``(N, C)`` soft labels over the same classes: confidences (normalised here
+            with ``core.schema.as_distribution``) or distributions; rows with a non-finite value are left
+            out of ``kl_divergence`` / ``js_divergence``.
         groups: optional ``{name: (N,) group of each row}`` (e.g. ``subset``, ``gender``, ``ethnicity``,
             ``age``); a row whose group is None or ``""`` is left out of that breakdown.
         n_bins: bins of the expected calibration error of the predicted class.

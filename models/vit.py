@@ -52,7 +52,8 @@ def make_vit(id2label: dict[int, str], problem_type: str = "single_label_classif
 
     Args:
         id2label: the outputs' names.
-        problem_type: ``single_label_classification`` or ``regression``.
+        problem_type: ``single_label_classification``, ``multi_label_classification`` (``pipeline`` then
+            applies a sigmoid to each output) or ``regression``.
         preset: ``tiny`` or ``base`` (architecture when ``init_from`` is not given).
         init_from: a local folder or Hub id of a ViT checkpoint.
         image_size: input side in pixels; must be a multiple of the patch size (and the checkpoint's).

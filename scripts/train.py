@@ -7,7 +7,10 @@
     accelerate launch scripts/train.py valence-arousal --data affectnet_plus --preset base \\
         --init-from google/vit-base-patch16-224-in21k --output-dir va
     accelerate launch scripts/train.py expert --config experts/happy-f0/training_config.json --output-dir again
-    python scripts/train.py fer --summarise baselines/hard-8 baselines/soft-8 --output-dir baselines
+    accelerate launch scripts/train.py fer --data affectnet_plus --target soft-multilabel --num-classes 8 \
+        --preset base --init-from google/vit-base-patch16-224-in21k --output-dir baselines/soft-multilabel-8
+    python scripts/train.py fer --summarise baselines/hard-8 baselines/soft-8 baselines/soft-multilabel-8 \
+        --output-dir baselines
 
 Every option comes from the configs' dataclasses (``models.expert.ExpertConfig``, ``models.fer.FERConfig``,
 ``models.valence_arousal.RegressorConfig``: data and ViT, ``TrainConfig``, ``AugmentConfig``), defaults and
@@ -36,7 +39,8 @@ COMMANDS = {
     "expert": (ExpertConfig, train_expert,
                "the one-vs-rest ViT expert of one emotion, on the train rows outside one fold"),
     "fer": (FERConfig, train_fer,
-            "a Hard-FER or Soft-FER baseline: a ViT classifier of the human or soft labels, evaluated on the "
+            "a FER baseline: a ViT classifier of the human labels (hard), of the soft labels normalised to sum "
+            "to 1 (soft) or of their independent per-emotion confidences (soft-multilabel), evaluated on the "
             "validation split (top-1/top-2, macro-F1, kappa, KL/JS, ECE, per subset and demographic group)"),
     "valence-arousal": (RegressorConfig, train_regressor,
                         "a ViT that predicts valence and arousal (CCC, RMSE on the validation split), for "

@@ -128,3 +128,31 @@ def test_evaluate_module_matches_fer_metrics():
     from_probs = metric.compute(predictions=probs.tolist(), references=labels.tolist(), soft_labels=soft.tolist())
     assert from_probs["kl_divergence"] == pytest.approx(expected["kl_divergence"], abs=1e-9)
     assert from_probs["ece"] == pytest.approx(expected["ece"], abs=1e-9)
+
+
+def test_kl_and_js_of_confidences_are_those_of_their_normalised_distribution():
+    # A release-like soft label: independent confidences, summing to 1.86 and not to 1.
+    confidences = np.array([[0.06, 0.91, 0.12, 0.30, 0.07, 0.08, 0.16, 0.16]])
+    assert confidences.sum() == pytest.approx(1.86)
+    distribution = confidences / confidences.sum()
+    probs = np.random.default_rng(3).dirichlet(np.ones(8), 1)
+    assert kl_divergence(confidences, probs) == pytest.approx(kl_divergence(distribution, probs), abs=1e-12)
+    assert js_divergence(confidences, probs) == pytest.approx(js_divergence(distribution, probs), abs=1e-12)
+    m = fer_metrics(np.log(probs), [1], soft_labels=confidences)
+    assert m["kl_divergence"] == pytest.approx(kl_divergence(distribution, probs), abs=1e-12)
+    # the same model predicting the normalised label exactly is at zero divergence
+    exact = fer_metrics(np.log(distribution), [1], soft_labels=confidences)
+    assert exact["kl_divergence"] == pytest.approx(0, abs=1e-12) and exact["js_divergence"] == pytest.approx(0, abs=1e-12)
+
+
+def test_kl_of_confidences_negative_controls():
+    confidences = np.array([[0.06, 0.91, 0.12, 0.30, 0.07, 0.08, 0.16, 0.16]])
+    probs = np.random.default_rng(3).dirichlet(np.ones(8), 1)
+    # the divergence formula on the raw confidences is not the KL of a distribution: normalising matters
+    p, q = confidences[0], probs[0]
+    raw = float((p * np.log(p / q)).sum())
+    assert abs(raw - kl_divergence(confidences, probs)) > 0.1
+    # a different label with the same total mass is a different distribution, with a different KL
+    other = confidences[:, ::-1].copy()
+    assert other.sum() == pytest.approx(confidences.sum())
+    assert abs(kl_divergence(other, probs) - kl_divergence(confidences, probs)) > 0.1

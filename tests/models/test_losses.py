@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import balanced_cross_entropy, label_smoothing_targets, soft_cross_entropy
+from models.losses import balanced_cross_entropy, label_smoothing_targets, multilabel_bce, soft_cross_entropy
 
 
 @pytest.fixture
@@ -103,3 +103,29 @@ def test_label_smoothing_targets(smoothing):
 def test_label_smoothing_rejects_bad_values():
     with pytest.raises(ValueError):
         label_smoothing_targets(torch.tensor([0]), 2, 1.5)
+
+
+def test_multilabel_bce_is_binary_cross_entropy_on_each_confidence(logits):
+    # Independent confidences in [0, 1] whose rows do not sum to 1, like the release's soft labels.
+    confidences = torch.rand(16, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert (confidences.sum(-1) - 1).abs().min() > 0.1
+    expected = -(confidences * F.logsigmoid(logits) + (1 - confidences) * F.logsigmoid(-logits)).mean()
+    torch.testing.assert_close(multilabel_bce(logits, confidences), expected)
+    # it is not the soft cross-entropy of the same confidences (a negative control)
+    assert abs(multilabel_bce(logits, confidences).item() - soft_cross_entropy(logits, confidences).item()) > 0.1
+
+
+def test_multilabel_bce_is_lowest_at_the_logits_of_the_confidences():
+    confidences = torch.tensor([[0.1, 0.9, 0.5, 0.7]], dtype=torch.float64)
+    best = torch.logit(confidences).requires_grad_()
+    loss = multilabel_bce(best, confidences)
+    loss.backward()
+    torch.testing.assert_close(best.grad, torch.zeros_like(best))
+    assert multilabel_bce(best.detach() + 0.5, confidences) > loss
+
+
+def test_multilabel_bce_of_half_precision_logits_is_float32_and_rejects_bad_shapes():
+    loss = multilabel_bce(torch.randn(4, 8).bfloat16(), torch.full((4, 8), 0.3))
+    assert loss.dtype == torch.float32
+    with pytest.raises(ValueError, match="shape"):
+        multilabel_bce(torch.zeros(4, 8), torch.zeros(4, 7))

@@ -72,6 +72,17 @@ def test_training_options_come_from_the_configs(command, cls):
         assert {"--target", "--num-classes", "--summarise"} <= options
 
 
+def test_fer_target_choices_include_the_multilabel_variant():
+    _, commands = train_parser()
+    target = next(a for a in commands["fer"]._actions if a.dest == "target")
+    assert list(target.choices) == ["hard", "soft", "soft-multilabel"]
+    assert "soft-multilabel" in target.help and "binary cross-entropy" in target.help
+    args = parse_args(commands["fer"], ["--data", "d", "--output-dir", "o", "--target", "soft-multilabel"])
+    assert from_args(FERConfig, args).target == "soft-multilabel"
+    with pytest.raises(SystemExit):
+        parse_args(commands["fer"], ["--data", "d", "--output-dir", "o", "--target", "multilabel"])
+
+
 def test_train_experts_and_label_options_come_from_the_configs():
     experts = subcommand(cli_parser(), "train-experts")
     check_generated(experts, ExpertConfig, exclude=("emotion", "fold", "push_to_hub"), helps=("output_dir",))
@@ -103,6 +114,7 @@ def test_an_undocumented_field_is_caught():
     ("expert", ExpertConfig(data="d", emotion="sad", fold=2, num_folds=3, train=TrainConfig("o", seed=3),
                             augment=AugmentConfig(scale=(0.5, 0.9), hflip=0.0))),
     ("fer", FERConfig(data="d", train=TrainConfig("o", max_steps=7), target="soft", num_classes=7)),
+    ("fer", FERConfig(data="d", train=TrainConfig("o"), target="soft-multilabel")),
     ("valence-arousal", RegressorConfig(data="d", train=TrainConfig("o", save_total_limit=2), image_size=32)),
 ])  # fmt: skip
 def test_a_saved_config_parses_back_to_the_same_config(command, config, tmp_path):
