@@ -28,7 +28,8 @@ Args:
     predictions: per example, a list of C class scores: logits, or probabilities (rows of non-negative
         values summing to 1 are taken as probabilities unless `input="logits"`).
     references: per example, the human label (class index in [0, C)).
-    soft_labels: optional, per example a list of C probabilities (the AffectNet+ soft label).
+    soft_labels: optional, per example the AffectNet+ soft label: C independent confidences in [0, 1] (they are
+        normalised to a distribution before KL and JS are computed).
     groups: optional, {name: per-example group} for the breakdowns (e.g. {"subset": ["easy", ...]}).
     input: "auto" (default), "logits" or "probabilities".
 Returns:
