@@ -10,8 +10,10 @@ sample says anything about AffectNet itself; it exists to prove the pipeline end
 
 Two layouts are written: ``"affectnet"`` (raw AffectNet: CSV file lists + full images with a face
 box and 68 landmarks) and ``"affectnet-plus"`` (the official AffectNet+ release: 224 px face crops +
-one JSON per image). Both add ``ground_truth.jsonl``, one line per image, sorted by ``image_id``, and
-``sample_manifest.json``: the config, the sha256 of every file written and a signature over both
+one JSON per image, in the release's format, ``builder.release``: independent per-emotion confidences
+(``release_soft_label``), subsets by ``builder.softlabel.subsets``, pose in radians, the six race
+classes, flat landmark lists). Both add ``ground_truth.jsonl``, one line per image, sorted by
+``image_id``, and ``sample_manifest.json``: the config, the sha256 of every file written and a signature over both
 (``is_bundled_sample``), which is how a build knows that its source is this synthetic sample (its
 card then carries Apache-2.0 rather than AffectNet's terms) and not a real dataset that happens to
 hold a file of the same name. The signature guards against accidents, not forgery: its key is public.
@@ -46,10 +48,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
+from builder import release
 from builder.face3d import MEAN_FACE_68
 from builder.softlabel import subsets
 from builder.sources import AFFECTNET_COLUMNS, AFFECTNET_VA_SENTINEL
-from core.schema import EMOTIONS, HUMAN_LABELS
+from core.schema import EMOTIONS, HUMAN_LABELS, RELEASE_RACE_CLASSES
 
 __all__ = [
     "EMOTION_PRIOR",
@@ -59,6 +62,7 @@ __all__ = [
     "contact_sheet",
     "expression_displacements",
     "is_bundled_sample",
+    "release_soft_label",
     "render_face",
     "render_non_face",
     "rotation_matrix",
@@ -95,6 +99,9 @@ VALENCE_AROUSAL_PROTOTYPES = np.array(
 # Share of none / uncertain / non_face among the non-emotion rows (AffectNet has mostly non-faces,
 # but a small sample needs a few of each).
 _NON_EMOTION_SHARES = {NONE: 0.35, UNCERTAIN: 0.2, NON_FACE: 0.45}
+
+# The release layout's per-emotion confidence floors (the release's are near 0.06, happy's 0.116).
+RELEASE_FLOORS = np.array([0.06, 0.116, 0.06, 0.06, 0.06, 0.06, 0.06, 0.06])
 
 # A fixed 29-point subset of the 68 for the release layout's "landmark-29": brow ends and middles,
 # eye corners and lids, nose, mouth corners and midlines, chin and jaw ends.
@@ -1081,6 +1088,27 @@ def _r(value: float, digits: int = 4) -> float:
     return round(float(value), digits)
 
 
+def _flat(points: np.ndarray, digits: int) -> list[float]:
+    """Points as the release writes them: x0, y0, x1, y1, ..."""
+    return [_r(v, digits) for v in np.asarray(points).reshape(-1)]
+
+
+def release_soft_label(mixture) -> np.ndarray:
+    """The release layout's soft label of a true mixture: 8 independent confidences, rounded to 4 decimals.
+
+    Each emotion's confidence rises from its floor (``RELEASE_FLOORS``) to 1 with its share of the
+    mixture relative to the dominant emotion's: the dominant one is near 1, the others near their
+    floors, and they sum to about 2, like the release's (whose recipe is not public).
+
+    Example:
+        >>> soft = release_soft_label([0.6, 0.3, 0.1, 0, 0, 0, 0, 0])
+        >>> soft.round(2).tolist(), bool(1 < soft.sum() < 3)
+        ([1.0, 0.56, 0.22, 0.06, 0.06, 0.06, 0.06, 0.06], True)
+    """
+    w = np.asarray(mixture, dtype=np.float64)
+    return np.round(RELEASE_FLOORS + (1 - RELEASE_FLOORS) * w / w.max(), 4)
+
+
 def _points(points: np.ndarray, digits: int) -> list[list[float]]:
     return [[_r(x, digits), _r(y, digits)] for x, y in points]
 
@@ -1151,18 +1179,18 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
                 ]
             )
         else:
-            part = {"train": "human_annotated/train_set", "validation": "human_annotated/validation_set"}.get(
-                split, "no_human_annotated"
-            )
+            part = release.PARTS[split]
             path = out / part / "images" / f"{stem}.jpg"
             image, origin, scale = _crop(ex["image"], ex["box"], config.crop_size, config.crop_margin)
             landmarks = (ex["landmarks"] - origin) * scale
             noisy = (ex["noisy_landmarks"] - origin) * scale
-            soft = np.round(ex["soft_label"], 4)
-            soft = soft / soft.sum()
+            soft = release_soft_label(ex["soft_label"])
             subset = int(subsets(soft[None], np.array([ex["human_label"]]))[0])
             subset_counts[subset] += 1
             va = ex["written_va"]
+            # The release's six race classes; their own stream, so the other layout's draws stay as they are.
+            race_rng = np.random.default_rng([config.seed, index, 0x7ACE])
+            race = race_rng.dirichlet(np.full(len(RELEASE_RACE_CLASSES), 0.3))
             annotation = {
                 "human-label": ex["human_label"],
                 "soft-label": [float(v) for v in soft],
@@ -1171,12 +1199,12 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
                     "age": _r(ex["age"], 1),
                     "gender": {"female": _r(ex["female"]), "male": _r(1 - _r(ex["female"]))},
                     # the release's JSON calls ethnicity "race"
-                    "race": dict(zip(("white", "black", "asian", "indian", "other"), _normalised(ex["ethnicity"]))),
-                    "pose": dict(zip(("yaw", "pitch", "roll"), (_r(a, 2) for a in ex["pose_estimate"]))),
+                    "race": dict(zip(RELEASE_RACE_CLASSES, _normalised(race))),
+                    "pose": {k: _r(math.radians(a), 4) for k, a in zip(release.POSE_KEYS, ex["pose_estimate"])},
                     "valence": _r(va[0]),
                     "arousal": _r(va[1]),
-                    "landmark-68": _points(noisy, 2),
-                    "landmark-29": _points(noisy[list(LANDMARK_29)], 2),
+                    "landmark-68": _flat(noisy, 2),
+                    "landmark-29": _flat(noisy[list(LANDMARK_29)], 2),
                 },
             }
             (path.parent.parent / "annotations").mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from builder import release
 from builder.annotators import detect_face
 from builder.images import Rejected, crop_face
 from core.schema import (
@@ -38,6 +40,7 @@ from core.schema import (
     ETHNICITY_CLASSES,
     HUMAN_LABELS,
     NUM_LANDMARKS,
+    RELEASE_ETHNICITY_CLASSES,
     SUBSETS,
     AffectNetPlusConfig,
 )
@@ -54,6 +57,8 @@ AFFECTNET_COLUMNS = (
     "valence",
     "arousal",
 )
+# Point columns, in source image pixels in a Record and in crop pixels in a row.
+LANDMARK_COLUMNS = ("landmarks", "landmarks_29")
 # AffectNet writes -2 for valence/arousal of uncertain and non-face images: a null, not an error.
 AFFECTNET_VA_SENTINEL = -2.0
 
@@ -63,7 +68,7 @@ class Record:
     """One usable source row: where its image is and what the source says about it.
 
     ``annotations`` holds schema columns known from the source (``human_label``, ``valence``, ...);
-    ``landmarks`` there are in the source image's pixels until ``make_example`` maps them.
+    ``landmarks`` and ``landmarks_29`` there are in the source image's pixels until ``make_example`` maps them.
     """
 
     image_id: str
@@ -285,21 +290,25 @@ class AffectNetReader(_Reader):
 
 class AffectNetPlusReader(_Reader):
     """The official AffectNet+ release: ``human_annotated/{train_set,validation_set}`` and
-    ``no_human_annotated``, each with ``images/`` and one JSON per image in ``annotations/``.
+    ``no_human_annotated``, each with ``images/`` and one JSON per image in ``annotations/``
+    (``builder.release`` describes the format).
 
-    Soft labels and subsets are kept exactly. ``pose`` is read in ``config.pose_unit`` and stored in
-    degrees; ``race`` becomes ``ethnicity`` under the release's own class names.
+    Every value is kept as the release gives it: ``soft-label`` (8 independent confidences, never
+    renormalised), ``subset``, the 68 and 29 landmarks. ``pose`` is read in ``config.pose_unit``
+    (the release's is radians) and stored in degrees; ``race`` becomes ``ethnicity`` under snake_case
+    class names (``middle_eastern``, ``latino_hispanic``). A JSON ``null`` for a meta-data value (or
+    for ``subset``) means the release has none: the column is null for that row. Anything else that
+    is not as the format says (a missing key, a soft label of 459, a NaN, 134 landmark numbers) makes
+    the row a ``malformed_annotation`` whose detail names the key and the value; nothing is repaired.
     """
 
     columns = (
         "image_id", "image", "human_label", "soft_label", "subset", "valence", "arousal", "landmarks",
-        "head_pose", "age", "gender", "ethnicity",
+        "landmarks_29", "head_pose", "age", "gender", "ethnicity",
     )  # fmt: skip
-    PARTS = {
-        "train": "human_annotated/train_set",
-        "validation": "human_annotated/validation_set",
-        "unlabeled": "no_human_annotated",
-    }
+    PARTS = release.PARTS
+    # How many annotations are read to learn the race classes, and how many race blocks are enough.
+    CLASS_SCAN_FILES, CLASS_SCAN_BLOCKS = 256, 8
 
     def __init__(self, root, config: AffectNetPlusConfig):
         self.root = Path(root).resolve()
@@ -315,18 +324,29 @@ class AffectNetPlusReader(_Reader):
         return [split for split, part in self.PARTS.items() if (self.root / part / "annotations").is_dir()]
 
     def _annotation_files(self, split: str) -> list[Path]:
-        return sorted((self.root / self.PARTS[split] / "annotations").glob("*.json"))
+        # The release numbers its files: 0, 1, 2, ..., 10 in that order, not as strings sort.
+        return sorted((self.root / self.PARTS[split] / "annotations").glob("*.json"), key=lambda p: _file_order(p.stem))
 
     def _ethnicity_classes(self) -> tuple[str, ...]:
-        """The release's race class names, taken from its first readable annotation."""
-        for split in self.splits():
-            for path in self._annotation_files(split):
-                try:
-                    race = json.loads(path.read_text(encoding="utf-8"))["meta-data"]["race"]
-                    return tuple(sorted(_class_name(name) for name in race))
-                except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                    continue
-        return ETHNICITY_CLASSES
+        """The race classes: the release's six (in its order), unless the first race blocks found hold
+        another set (a build with another ethnicity model, written in the release layout)."""
+        seen: dict[tuple[str, ...], int] = {}
+        paths = (p for split in self.splits() for p in self._annotation_files(split))
+        for path in itertools.islice(paths, self.CLASS_SCAN_FILES):
+            try:
+                race = json.loads(path.read_text(encoding="utf-8"))["meta-data"]["race"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if not isinstance(race, dict):
+                continue
+            names = tuple(_class_name(name) for name in race)
+            if set(names) == set(RELEASE_ETHNICITY_CLASSES):
+                return RELEASE_ETHNICITY_CLASSES
+            if names and len(set(names)) == len(names):
+                seen[names] = seen.get(names, 0) + 1
+                if sum(seen.values()) >= self.CLASS_SCAN_BLOCKS:
+                    break
+        return max(seen, key=seen.get) if seen else RELEASE_ETHNICITY_CLASSES
 
     def _images(self, split: str) -> dict[str, Path]:
         folder = self.root / self.PARTS[split] / "images"
@@ -351,55 +371,172 @@ class AffectNetPlusReader(_Reader):
                 yield self._record(annotation_path, image_path, origin, split)
             except Rejected as err:
                 yield Rejection(origin, None, err.reason, err.detail, _image_id(self.root, image_path))
-        for stem, image_path in sorted(images.items()):  # images without an annotation are rows too
-            origin = image_path.relative_to(self.root).as_posix()
+        for stem, image_path in sorted(images.items(), key=lambda item: _file_order(item[0])):
+            origin = image_path.relative_to(self.root).as_posix()  # images without an annotation are rows too
             yield Rejection(
                 origin, None, "missing_annotation", f"no annotations/{stem}.json", _image_id(self.root, image_path)
             )
 
     def _record(self, annotation_path: Path, image_path: Path, origin: str, split: str) -> Record:
         try:
-            data = json.loads(annotation_path.read_text(encoding="utf-8"))
-            meta = data["meta-data"]
-            soft_label = np.asarray(data["soft-label"], dtype=np.float64)
-            subset = int(data["subset"])
-            pose = meta["pose"]
-            angles = np.array([float(pose[k]) for k in ("yaw", "pitch", "roll")])
-            gender = {k: float(meta["gender"][k]) for k in ("female", "male")}
-            ethnicity = {_class_name(k): float(v) for k, v in meta["race"].items()}  # the release's name for it
-            age = float(meta["age"])
-            valence, arousal = float(meta["valence"]), float(meta["arousal"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            text = annotation_path.read_text(encoding="utf-8")
+        except OSError as err:
             raise Rejected("malformed_annotation", f"{type(err).__name__}: {err}") from None
-        if soft_label.shape != (len(EMOTIONS),) or not np.isfinite(soft_label).all() or (soft_label < 0).any():
-            raise Rejected("malformed_annotation", "soft-label must be 8 finite non-negative numbers")
-        if abs(soft_label.sum() - 1) > 1e-3:
-            raise Rejected("malformed_annotation", f"soft-label sums to {soft_label.sum():.4f}, not 1")
-        if not 0 <= subset < len(SUBSETS):
-            raise Rejected("malformed_annotation", f"subset {subset} not in 0..{len(SUBSETS) - 1}")
-        if set(ethnicity) != set(self.ethnicity_classes):
-            raise Rejected(
-                "malformed_annotation", f"race classes {sorted(ethnicity)} != {list(self.ethnicity_classes)}"
-            )
-        numbers = np.array([*angles, *gender.values(), *ethnicity.values(), age, valence, arousal])
-        if not np.isfinite(numbers).all():
-            raise Rejected("malformed_annotation", "meta-data contains NaN or inf")
-        if self.config.pose_unit == "radians":
-            angles = np.degrees(angles)
-        annotations = {
-            "human_label": _label(data["human-label"], "human-label"),
-            # Renormalise only the float rounding of the release; the values are otherwise kept exactly.
-            "soft_label": (soft_label / soft_label.sum()).tolist(),
-            "subset": subset,
-            "valence": _valence_arousal(valence, "valence"),
-            "arousal": _valence_arousal(arousal, "arousal"),
-            "landmarks": _landmarks(meta["landmark-68"], "landmark-68"),
-            "head_pose": dict(zip(("yaw", "pitch", "roll"), angles.tolist())),
-            "age": age,
-            "gender": gender,
-            "ethnicity": ethnicity,
-        }
+        except UnicodeDecodeError as err:
+            raise Rejected("malformed_annotation", f"not UTF-8 text: {err}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise Rejected("malformed_annotation", f"malformed JSON: {err}") from None
+        annotations = read_release_annotation(data, self.ethnicity_classes, self.config.pose_unit)
         return Record(_image_id(self.root, image_path), split, origin, None, image_path, None, annotations)
+
+
+def _file_order(stem: str) -> tuple:
+    return (0, int(stem), stem) if stem.isdigit() else (1, 0, stem)
+
+
+def _bad(detail: str) -> Rejected:
+    return Rejected("malformed_annotation", detail)
+
+
+_MISSING = object()
+
+
+def _key(obj: dict, key: str, path: str):
+    """``obj[key]``, where ``obj`` is the object at ``path``; a missing key is a rejection naming its path."""
+    value = obj.get(key, _MISSING)
+    if value is _MISSING:
+        raise _bad(f"missing key {path}{'.' if path else ''}{key}")
+    return value
+
+
+def _object(value, path: str) -> dict:
+    if not isinstance(value, dict):
+        raise _bad(f"{path} = {_shown(value)} is not an object")
+    return value
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value, path: str, low: float | None = None, high: float | None = None) -> float:
+    """A finite JSON number (``low <= value <= high`` when given)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"{path} = {_shown(value)} is not a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise _bad(f"{path} = {value} is not finite")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low:g}, {high:g}]" if low is not None and high is not None else f">= {low:g}"
+        raise _bad(f"{path} = {value!r} not {bounds}")
+    return value
+
+
+def _numbers(value, path: str, count: int, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """``count`` finite numbers: a flat list (the release's form), or a list of (x, y) pairs."""
+    if not isinstance(value, list):
+        raise _bad(f"{path} = {_shown(value)} is not a list")
+    if value and all(isinstance(v, list) and len(v) == 2 for v in value):
+        value = [v for pair in value for v in pair]
+    if len(value) != count:
+        raise _bad(f"{path}: expected {count} numbers, got {len(value)}")
+    return np.array([_number(v, f"{path}[{i}]", low, high) for i, v in enumerate(value)])
+
+
+def _probabilities(value, path: str, names: tuple[str, ...]) -> dict[str, float]:
+    """An object of probabilities in [0, 1] whose keys are exactly ``names``."""
+    value = _object(value, path)
+    missing = [name for name in names if name not in value]
+    if missing:
+        raise _bad(f"missing key {path}.{missing[0]}")
+    extra = sorted(set(value) - set(names))
+    if extra:
+        raise _bad(f"{path}: unexpected key {extra[0]!r} (expected {', '.join(names)})")
+    return {name: _number(value[name], f"{path}.{name}", 0.0, 1.0) for name in names}
+
+
+def _race(value, path: str, classes: tuple[str, ...]) -> dict[str, float]:
+    value = _object(value, path)
+    names = {_class_name(name): name for name in value}
+    if len(names) != len(value) or set(names) != set(classes):
+        raise _bad(f"{path}: classes {sorted(value)} are not the expected {list(classes)}")
+    return {name: _number(value[names[name]], f"{path}.{names[name]}", 0.0, 1.0) for name in classes}
+
+
+def _pose(value, path: str, unit: str) -> dict[str, float]:
+    value = _object(value, path)
+    bound, shown = (math.pi, "pi") if unit == "radians" else (180.0, "180")
+    angles = [_number(_key(value, k, path), f"{path}.{k}") for k in release.POSE_KEYS]
+    for key, angle in zip(release.POSE_KEYS, angles):
+        if abs(angle) > bound:  # most likely a pose_unit that is not the source's
+            other = "degrees" if unit == "radians" else "radians"
+            raise _bad(f"{path}.{key} = {angle!r} not in [-{shown}, {shown}] {unit} (is the pose in {other}? "
+                       "see pose_unit)")  # fmt: skip
+    if unit == "radians":
+        angles = [math.degrees(a) for a in angles]
+    return dict(zip(release.POSE_KEYS, angles))
+
+
+def _release_va(value, path: str) -> float | None:
+    if value is None:
+        return None
+    value = _number(value, path)
+    if value == release.VA_SENTINEL:
+        return None
+    return _number(value, path, -1.0, 1.0)
+
+
+def read_release_annotation(data, ethnicity_classes: tuple[str, ...], pose_unit: str = "radians") -> dict:
+    """One release annotation (parsed JSON) -> schema columns, or ``Rejected("malformed_annotation")``.
+
+    Landmarks stay in the annotation's pixels (``make_example`` maps them to the crop's); ``null``
+    meta-data values (and a ``null`` subset: -1) mean "not available".
+
+    Example:
+        >>> data = {"human-label": 1, "soft-label": [0.1, 0.9, 0.2, 0.1, 0.1, 0.1, 0.1, 0.3], "subset": 0,
+        ...         "meta-data": {k: None for k in release.META_KEYS}}
+        >>> read_release_annotation(data, RELEASE_ETHNICITY_CLASSES)["soft_label"][1]
+        0.9
+        >>> data["soft-label"][3] = 459
+        >>> read_release_annotation(data, RELEASE_ETHNICITY_CLASSES)
+        Traceback (most recent call last):
+        builder.images.Rejected: malformed_annotation: soft-label[3] = 459.0 not in [0, 1]
+    """
+    data = _object(data, "the annotation")
+    label, soft, subset, meta = (_key(data, key, "") for key in release.KEYS)
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(HUMAN_LABELS):
+        raise _bad(f"human-label = {_shown(label)} not in 0..{len(HUMAN_LABELS) - 1}")
+    soft_label = _numbers(soft, "soft-label", len(EMOTIONS), 0.0, 1.0)
+    if subset is not None:
+        if isinstance(subset, float) and subset.is_integer():
+            subset = int(subset)
+        if isinstance(subset, bool) or not isinstance(subset, int) or not 0 <= subset < len(SUBSETS):
+            raise _bad(f"subset = {_shown(subset)} not in 0..{len(SUBSETS) - 1}")
+    meta = _object(meta, "meta-data")
+    values = {key: _key(meta, key, "meta-data") for key in release.META_KEYS}
+
+    def given(key, parse, *args):
+        return None if values[key] is None else parse(values[key], f"meta-data.{key}", *args)
+
+    landmarks = {key: given(key, _numbers, count) for key, count in release.LANDMARK_KEYS.items()}
+    return {
+        "human_label": label,
+        "soft_label": soft_label.tolist(),
+        "subset": -1 if subset is None else subset,
+        "valence": _release_va(values["valence"], "meta-data.valence"),
+        "arousal": _release_va(values["arousal"], "meta-data.arousal"),
+        "landmarks": None if landmarks["landmark-68"] is None else landmarks["landmark-68"].reshape(-1, 2),
+        "landmarks_29": None if landmarks["landmark-29"] is None else landmarks["landmark-29"].reshape(-1, 2),
+        "head_pose": given("pose", _pose, pose_unit),
+        "age": given("age", _number, 0.0),
+        "gender": given("gender", _probabilities, release.GENDER_KEYS),
+        "ethnicity": given("race", _race, tuple(ethnicity_classes)),
+    }
 
 
 def _class_name(name: str) -> str:
@@ -540,8 +677,15 @@ def open_source(source, config: AffectNetPlusConfig):
 
 def make_example(record: Record, config: AffectNetPlusConfig, columns) -> dict:
     """Decodes and crops a record's image and returns its row (only ``columns``), or raises ``Rejected``
-    (whose detail names the image relative to ``record.source_root``)."""
-    landmarks = record.annotations.get("landmarks")
+    (whose detail names the image relative to ``record.source_root``).
+
+    Every landmark column (``landmarks``, ``landmarks_29``) is mapped from the source image's pixels
+    to the crop's, through the same crop as the pixels.
+    """
+    # One array through crop_face, so that both point sets go through exactly the same mapping.
+    point_sets = {name: np.asarray(record.annotations[name], np.float64).reshape(-1, 2)
+                  for name in LANDMARK_COLUMNS if record.annotations.get(name) is not None}  # fmt: skip
+    landmarks = np.concatenate(list(point_sets.values())) if point_sets else None
     face_box, faces = record.face_box, None
     try:
         if face_box is None and config.detect_faces:
@@ -561,8 +705,11 @@ def make_example(record: Record, config: AffectNetPlusConfig, columns) -> dict:
     example = {name: record.annotations.get(name) for name in columns}
     example["image_id"] = record.image_id
     example["image"] = {"bytes": jpeg, "path": None}
-    if "landmarks" in columns:
-        example["landmarks"] = crop_landmarks
+    start = 0
+    for name, points in point_sets.items():
+        if name in columns:
+            example[name] = crop_landmarks[start : start + len(points)]
+        start += len(points)
     if faces and faces > 1:  # the largest face was used; the build notes how many there were
         example["_info"] = {"faces_detected": faces}
     return example

@@ -139,7 +139,8 @@ class AffectNetPlusConfig(datasets.BuilderConfig):
         crop_margin: margin added on each side of the source's face box, as a fraction of its size.
         jpeg_quality: quality of re-encoded crops (images are re-encoded only when cropped/resized).
         max_image_pixels: images larger than this are rejected as decompression bombs.
-        pose_unit: unit of the release's ``pose`` angles (``degrees`` or ``radians``); stored in degrees.
+        pose_unit: unit of the release's ``pose`` angles (``radians``, the release's, or ``degrees``);
+            stored in degrees.
         detect_faces: for rows without a face box (image folders, CSV lists), find the face with the
             HOG detector (``builder.annotators``) and crop around the largest one; an image without a
             face is rejected (``no_face``). Off: the whole image is the face.
@@ -153,7 +154,7 @@ class AffectNetPlusConfig(datasets.BuilderConfig):
     crop_margin: float = 0.15
     jpeg_quality: int = 95
     max_image_pixels: int = 90_000_000
-    pose_unit: str = field(default="degrees", metadata={"choices": ("degrees", "radians")})
+    pose_unit: str = field(default="radians", metadata={"choices": ("degrees", "radians")})
     detect_faces: bool = False
     license: str | None = None
 
@@ -186,7 +187,7 @@ CONFIGS = ("default", LABELS_CONFIG, *SUBSETS)
 BUILD_CONFIG_FILE = "build_config.json"
 # With experts, a build also keeps what it fitted, which predict --dataset reads back.
 AU_MODEL_FILE = "au_model.json"  # the AU component (builder.au.AUModel)
-FUSION_FILE = "fusion.json"  # the λ and T the soft labels were fused with
+FUSION_FILE = "fusion.json"  # the λ the soft labels were fused with
 
 
 def config_pattern(config: str, split: str) -> str:

@@ -11,16 +11,19 @@ import pytest
 from PIL import Image, ImageDraw
 
 from affectnet_plus import EMOTIONS, HUMAN_LABELS
+from builder import release
 from builder.sample import (
     CSV_COLUMNS,
     LANDMARK_29,
     SampleConfig,
     contact_sheet,
+    release_soft_label,
     render_face,
     render_non_face,
     rotation_matrix,
     write_sample,
 )
+from core.schema import RELEASE_RACE_CLASSES
 
 SMALL = {"min_image_size": 128, "max_image_size": 224}  # small images keep the file fast
 CSV_FILES = {
@@ -221,53 +224,66 @@ def test_valence_and_arousal_follow_the_mixture(raw_sample):
 
 
 def _subset_rule(soft: list[float], label: int) -> int:
-    s_h = soft[label]
-    rank = 1 + sum(v > s_h for v in soft)
-    return 0 if rank == 1 and s_h >= 0.5 else 2 if rank >= 3 or s_h < 0.15 else 1
+    """The release's rule: rank r of soft[label] (1 = largest, ties count against it); 1 easy, 2-3
+    challenging, >= 4 difficult."""
+    rank = 1 + sum(v >= soft[label] for k, v in enumerate(soft) if k != label)
+    return 0 if rank == 1 else 1 if rank <= 3 else 2
 
 
 def test_release_layout_json_images_and_subsets(release_sample):
     root, summary = release_sample
     truth = _truth(root)
-    parts = {
-        "train": "human_annotated/train_set",
-        "validation": "human_annotated/validation_set",
-        "unlabeled": "no_human_annotated",
-    }
-    subsets = [0, 0, 0]
-    for split, part in parts.items():
+    subsets, sums = [0, 0, 0], []
+    for split, part in release.PARTS.items():
         annotations = sorted((root / part / "annotations").glob("*.json"))
         assert len(annotations) == summary["splits"][split] == len(list((root / part / "images").glob("*.jpg")))
         for path in annotations:
             data = json.loads(path.read_text(encoding="utf-8"))
-            assert set(data) == {"human-label", "soft-label", "subset", "meta-data"}
+            assert list(data) == ["human-label", "soft-label", "subset", "meta-data"]
             meta = data["meta-data"]
-            assert set(meta) == {"age", "gender", "race", "pose", "valence", "arousal", "landmark-68", "landmark-29"}
+            assert list(meta) == ["age", "gender", "race", "pose", "valence", "arousal", "landmark-68", "landmark-29"]
             assert 0 <= data["human-label"] <= 7
+            gt = truth[f"{part}/images/{path.stem}"]
+            # independent per-emotion confidences, as the release's: in [0, 1], not summing to 1
             soft = data["soft-label"]
-            assert len(soft) == 8 and min(soft) >= 0 and abs(sum(soft) - 1) < 1e-9
+            assert len(soft) == 8 and all(0.05 < v <= 1 for v in soft)
+            assert soft == release_soft_label(gt["soft_label"]).tolist()
+            assert int(np.argmax(soft)) == gt["dominant"]
+            sums.append(sum(soft))
             assert data["subset"] == _subset_rule(soft, data["human-label"])
             subsets[data["subset"]] += 1
             assert 10 <= meta["age"] <= 90
             assert meta["gender"]["female"] + meta["gender"]["male"] == pytest.approx(1)
-            assert set(meta["race"]) == {"white", "black", "asian", "indian", "other"}
+            assert tuple(meta["race"]) == RELEASE_RACE_CLASSES
             assert sum(meta["race"].values()) == pytest.approx(1, abs=1e-6)
-            assert set(meta["pose"]) == {"yaw", "pitch", "roll"}
+            # radians, near the true pose (degrees) up to the estimate's noise
+            assert list(meta["pose"]) == ["yaw", "pitch", "roll"]
+            for key, value in meta["pose"].items():
+                assert abs(value) < 0.7 and value == pytest.approx(np.radians(gt["head_pose"][key]), abs=0.15)
             assert -1 <= meta["valence"] <= 1 and -1 <= meta["arousal"] <= 1
-            lm68, lm29 = np.array(meta["landmark-68"]), np.array(meta["landmark-29"])
-            assert lm68.shape == (68, 2) and lm29.shape == (29, 2)
+            assert len(meta["landmark-68"]) == 136 and len(meta["landmark-29"]) == 58
+            lm68, lm29 = np.reshape(meta["landmark-68"], (68, 2)), np.reshape(meta["landmark-29"], (29, 2))
             assert np.array_equal(lm29, lm68[list(LANDMARK_29)])
             image_path = root / part / "images" / f"{path.stem}.jpg"
             with Image.open(image_path) as image:
                 assert image.size == (224, 224) and image.format == "JPEG"
-            gt = truth[f"{part}/images/{path.stem}"]
             assert gt["split"] == split and gt["human_label"] == data["human-label"]
-            assert np.allclose(np.array(gt["soft_label"]), soft, atol=1e-3)
             gt_points = np.array(gt["landmarks"])
             assert (gt_points > 0).all() and (gt_points < 224).all()  # the face is inside its crop
             assert np.abs(lm68 - gt_points).mean() < 0.04 * 224
     assert summary["subsets"] == dict(zip(("easy", "challenging", "difficult"), subsets))
     assert subsets[0] > 0 and subsets[1] + subsets[2] > 0
+    assert 1.3 < np.median(sums) < 2.5 and min(sums) > 1.1
+
+
+def test_release_layout_builds_without_a_rejection(release_sample, tmp_path):
+    from builder.export import BuildOptions, build
+    from core.schema import AffectNetPlusConfig
+
+    root, summary = release_sample
+    report = build(root, tmp_path / "out", AffectNetPlusConfig(source_format="affectnet-plus"),
+                   BuildOptions(progress=False))  # fmt: skip
+    assert report["read"] == report["written"] == summary["n"] and report["rejected"] == {}
 
 
 # ------------------------------------------------------------------------------------ rendering

@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 
 import numpy as np
@@ -6,7 +7,9 @@ import pytest
 
 from affectnet_plus import AffectNetPlusConfig
 from builder.sources import Record, Rejection, open_source
-from tests.conftest import affectnet_row, face_image, write_release_annotation
+from core.schema import RELEASE_ETHNICITY_CLASSES
+from tests.builder.release_fixture import damage, write_release
+from tests.conftest import affectnet_row, face_image
 
 
 def _items(reader, split):
@@ -104,59 +107,106 @@ def test_not_an_affectnet_folder_is_a_clear_error(tmp_path):
 
 def _release(tmp_path, n=3):
     root = tmp_path / "release"
-    for split_dir in ("human_annotated/train_set", "human_annotated/validation_set", "no_human_annotated"):
-        (root / split_dir / "images").mkdir(parents=True)
-        for i in range(n):
-            face_image(224, 224, seed=i).save(root / split_dir / "images" / f"img{i}.jpg")
-            write_release_annotation(root / split_dir / "annotations" / f"img{i}.json", label=i % 8, subset=i % 3)
+    write_release(root, {"train": n, "validation": n, "unlabeled": n})
     return root
 
 
-def test_release_reader_keeps_soft_labels_and_subsets(tmp_path):
-    root = _release(tmp_path)
+def test_release_reader_keeps_every_value_as_given(tmp_path):
+    root = tmp_path / "release"
+    fixture = write_release(root, {"train": 12, "validation": 3, "unlabeled": 3})
     reader = open_source(root, AffectNetPlusConfig(source_format="affectnet-plus"))
     assert reader.splits() == ["train", "validation", "unlabeled"]
-    assert reader.ethnicity_classes == ("asian", "black", "indian", "other", "white")
+    assert reader.ethnicity_classes == RELEASE_ETHNICITY_CLASSES
+    assert "landmarks_29" in reader.columns
     records, rejections = _items(reader, "train")
-    assert not rejections and len(records) == 3
-    ann = records[1].annotations
-    assert ann["soft_label"] == pytest.approx([0.05, 0.65, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05])
-    assert ann["subset"] == 1 and ann["human_label"] == 1
-    assert ann["head_pose"] == {"yaw": 10.0, "pitch": -5.0, "roll": 2.5}
-    assert ann["landmarks"].shape == (68, 2)
-    assert records[1].image_id == "human_annotated/train_set/images/img1"
+    assert not rejections and len(records) == 12
+    assert [r.image_id for r in records][:3] == [f"human_annotated/train_set/images/{i}" for i in range(3)]
+    for record in records:
+        ann, given = record.annotations, fixture[record.image_id]["annotation"]
+        meta = given["meta-data"]
+        assert ann["soft_label"] == given["soft-label"] and sum(ann["soft_label"]) > 1.1  # never renormalised
+        assert ann["subset"] == (-1 if given["subset"] is None else given["subset"])
+        assert ann["human_label"] == given["human-label"]
+        assert ann["landmarks"].shape == (68, 2) and ann["landmarks"].reshape(-1).tolist() == meta["landmark-68"]
+        if meta["landmark-29"] is not None:
+            assert ann["landmarks_29"].reshape(-1).tolist() == meta["landmark-29"]
+        if meta["pose"] is not None:  # radians in the release, degrees in the row
+            assert ann["head_pose"] == {k: pytest.approx(np.degrees(v)) for k, v in meta["pose"].items()}
+        if meta["race"] is not None:
+            assert list(ann["ethnicity"]) == list(RELEASE_ETHNICITY_CLASSES)
+            assert ann["ethnicity"]["latino_hispanic"] == meta["race"]["latino hispanic"]
+    assert AffectNetPlusConfig().pose_unit == "radians"
 
 
-def test_release_pose_in_radians_is_stored_in_degrees(tmp_path):
+def test_release_null_meta_data_is_not_available_and_minus_two_is_no_valence(tmp_path):
     root = _release(tmp_path, n=1)
-    write_release_annotation(
-        root / "human_annotated/train_set/annotations/img0.json", pose={"yaw": np.pi / 6, "pitch": 0.0, "roll": -0.1}
-    )
-    reader = open_source(root, AffectNetPlusConfig(source_format="affectnet-plus", pose_unit="radians"))
+    path = root / "human_annotated/train_set/annotations/0.json"
+    data = json.loads(path.read_text())
+    data["subset"] = None
+    data["meta-data"] = {key: None for key in data["meta-data"]}
+    data["meta-data"]["valence"] = -2
+    path.write_text(json.dumps(data))
+    (record,), _ = _items(open_source(root, AffectNetPlusConfig(source_format="affectnet-plus")), "train")
+    columns = ("valence", "arousal", "landmarks", "landmarks_29", "head_pose", "age", "gender", "ethnicity")
+    assert {c: record.annotations[c] for c in columns} == dict.fromkeys(columns)
+    assert record.annotations["subset"] == -1
+
+
+def test_release_pose_in_degrees_is_read_with_pose_unit(tmp_path):
+    root = _release(tmp_path, n=1)
+    path = root / "human_annotated/train_set/annotations/0.json"
+    data = json.loads(path.read_text())
+    data["meta-data"]["pose"] = {"yaw": 30.0, "pitch": 0.0, "roll": -5.0}
+    path.write_text(json.dumps(data))
+    reader = open_source(root, AffectNetPlusConfig(source_format="affectnet-plus", pose_unit="degrees"))
     (record,), _ = _items(reader, "train")
-    assert record.annotations["head_pose"]["yaw"] == pytest.approx(30.0)
-    assert record.annotations["head_pose"]["roll"] == pytest.approx(-5.7296, abs=1e-3)
+    assert record.annotations["head_pose"] == {"yaw": 30.0, "pitch": 0.0, "roll": -5.0}
+    _, (rejection,) = _items(open_source(root, AffectNetPlusConfig(source_format="affectnet-plus")), "train")
+    assert rejection.detail.startswith("meta-data.pose.yaw = 30.0 not in [-pi, pi] radians")
 
 
 def test_release_bad_annotations_are_rejections(tmp_path):
-    root = _release(tmp_path, n=6)
+    root = _release(tmp_path, n=8)
     annotations = root / "human_annotated/train_set/annotations"
-    (annotations / "img0.json").write_text("{not json")
-    write_release_annotation(annotations / "img1.json", soft=[0.5] * 8)
-    write_release_annotation(annotations / "img2.json", subset=3)
-    write_release_annotation(annotations / "img3.json", race={"white": 1.0})
-    (root / "human_annotated/train_set/images/img4.jpg").unlink()
+    (annotations / "0.json").write_text("{not json")
+    expected = [damage(root, f"human_annotated/train_set/images/{i}", kind)
+                for i, kind in ((1, "value_459"), (2, "subset_3"), (3, "race_classes"), (5, "wrong_length"),
+                                (6, "missing_key"))]  # fmt: skip
+    (root / "human_annotated/train_set/images/4.jpg").unlink()
     face_image(224, 224).save(root / "human_annotated/train_set/images/orphan.jpg")
     records, rejections = _items(open_source(root, AffectNetPlusConfig(source_format="affectnet-plus")), "train")
-    assert [r.image_id for r in records] == ["human_annotated/train_set/images/img5"]
-    assert _reasons(rejections) == [
-        "malformed_annotation",
-        "malformed_annotation",
-        "malformed_annotation",
-        "malformed_annotation",
-        "missing_file",
-        "missing_annotation",
+    assert [r.image_id for r in records] == ["human_annotated/train_set/images/7"]
+    assert _reasons(rejections) == ["malformed_annotation"] * 4 + ["missing_file"] + ["malformed_annotation"] * 2 + [
+        "missing_annotation"
     ]
+    details = [r.detail for r in rejections]
+    assert details[0].startswith("malformed JSON: ")
+    assert all(details[i].startswith(e) for i, e in zip((1, 2, 3, 5, 6), expected)), details
+    assert details[1] == "soft-label[3] = 459.0 not in [0, 1]"
+
+
+def test_release_race_classes_of_another_model_are_read_under_their_names(tmp_path):
+    root = tmp_path / "release"
+    write_release(root, {"train": 3}, race=("white", "black", "asian", "indian", "other"))
+    reader = open_source(root, AffectNetPlusConfig(source_format="affectnet-plus"))
+    assert reader.ethnicity_classes == ("white", "black", "asian", "indian", "other")
+    records, rejections = _items(reader, "train")
+    assert len(records) == 3 and not rejections
+
+
+def test_make_example_maps_both_landmark_sets_to_the_crop(tmp_path):
+    from builder.sources import make_example
+
+    root = _release(tmp_path, n=1)
+    face_image(448, 560).save(root / "human_annotated/train_set/images/0.jpg")  # not a 224 px crop: cropped
+    config = AffectNetPlusConfig(source_format="affectnet-plus")
+    reader = open_source(root, config)
+    (record,), _ = _items(reader, "train")
+    example = make_example(record, config, reader.columns)
+    # centre square 448 x 448 from y = 56, resized by 0.5: both point sets go through the same mapping
+    for name in ("landmarks", "landmarks_29"):
+        expected = (record.annotations[name] - (0, 56)) * 0.5
+        assert example[name].dtype == np.float32 and np.allclose(example[name], expected, atol=1e-4), name
 
 
 def test_imagefolder_reader_takes_names_codes_and_val(tmp_path):
@@ -208,9 +258,9 @@ def test_reader_columns_match_the_schema():
 def test_count_matches_records_for_every_reader(make_affectnet, tmp_path):
     root = make_affectnet({"train": [affectnet_row("0/a.jpg"), affectnet_row("../b.jpg"), []]})
     release = tmp_path / "release"
-    (release / "no_human_annotated/images").mkdir(parents=True)
+    write_release(release, {"unlabeled": 2})
     face_image(224, 224).save(release / "no_human_annotated/images/orphan.jpg")
-    write_release_annotation(release / "no_human_annotated/annotations/x.json")
+    (release / "no_human_annotated/annotations/x.json").write_text("{}")  # an annotation without an image
     folder = tmp_path / "folder"
     (folder / "train/happy").mkdir(parents=True)
     face_image(48, 48).save(folder / "train/happy/a.png")
@@ -238,8 +288,8 @@ def test_rejection_details_name_paths_relative_to_the_source(make_affectnet, tmp
     assert "'outside.jpg'" in absolute.detail
 
     release = _release(tmp_path, n=2)
-    (release / "human_annotated/train_set/annotations/img1.json").unlink()
-    (release / "human_annotated/train_set/annotations/img1.json").mkdir()  # unreadable: an OSError names it
+    (release / "human_annotated/train_set/annotations/1.json").unlink()
+    (release / "human_annotated/train_set/annotations/1.json").mkdir()  # unreadable: an OSError names it
     folder = tmp_path / "fer"
     (folder / "train/happy").mkdir(parents=True)
     os.symlink(outside, folder / "train/happy/link.jpg")
@@ -249,7 +299,7 @@ def test_rejection_details_name_paths_relative_to_the_source(make_affectnet, tmp
         _, (rejection,) = _items(open_source(source, AffectNetPlusConfig(source_format=fmt)), "train")
         assert rejection.reason == reason and str(tmp_path) not in rejection.detail, rejection.detail
         details[fmt] = rejection.detail
-    assert details["affectnet-plus"].endswith("Is a directory: 'human_annotated/train_set/annotations/img1.json'")
+    assert details["affectnet-plus"].endswith("Is a directory: 'human_annotated/train_set/annotations/1.json'")
     assert details["imagefolder"] == "train/happy/link.jpg links outside the source"
 
     assert source_relative("/data/src/a.jpg and /data/src2/b.jpg and /data/src", "/data/src") == (
