@@ -9,7 +9,8 @@ from PIL import Image
 from scripts.cli import main, make_parser
 
 
-@pytest.mark.parametrize("command", [[], ["sample"], ["build"], ["show"], ["annotate"], ["fetch-models"]])
+@pytest.mark.parametrize("command", [[], ["sample"], ["build"], ["show"], ["annotate"], ["fetch-models"],
+                                     ["export-release"]])
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
@@ -69,6 +70,20 @@ def test_release_layout_sample_builds_with_its_subsets(tmp_path, capsys):
     assert built == summary["subsets"]
     easy = load_dataset(str(out), "easy")
     assert {subset for split in easy.values() for subset in split["subset"]} == {0}
+    # export-release writes it back in the release layout; building that again gives the same rows
+    tree = tmp_path / "exported"
+    assert main(["export-release", str(out), str(tree), "--quiet"]) == 0
+    assert "release layout" in capsys.readouterr().out
+    assert len(list((tree / "human_annotated" / "train_set" / "annotations").glob("*.json"))) == report["splits"][
+        "train"]["written"]
+    again = tmp_path / "again"
+    assert main(["build", str(tree), "--format", "affectnet-plus", "--out", str(again), "--quiet"]) == 0
+    first, second = load_dataset(str(out), "labels"), load_dataset(str(again), "labels")
+    for split in first:
+        for column in ("human_label", "soft_label", "subset"):
+            assert sorted(map(str, first[split][column])) == sorted(map(str, second[split][column])), column
+    assert main(["export-release", str(out), str(tree), "--quiet"]) == 2  # OUT is not empty: refused
+    assert "exists and is not empty" in capsys.readouterr().err
 
 
 def test_annotate_prints_every_face_or_why_not(tmp_path, capsys, needs_gear):
