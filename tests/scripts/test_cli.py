@@ -113,6 +113,10 @@ def test_annotate_prints_every_face_or_why_not(tmp_path, capsys, needs_gear):
 def test_fetch_models_without_npm_is_a_clear_error(tmp_path, capsys, monkeypatch):
     import shutil
 
+    from builder import model_store
+
+    # The wheel-sourced models are tested offline in tests/builder/test_model_store.py; no index here.
+    monkeypatch.setattr(model_store, "fetch_all", lambda dest=None, pip_args=(): [])
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    assert main(["fetch-models", "--dest", str(tmp_path / "gear")]) == 2
+    assert main(["fetch-models", "--dest", str(tmp_path / "models")]) == 2
     assert "npm is not installed" in capsys.readouterr().err
