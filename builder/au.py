@@ -258,14 +258,28 @@ def au_scores(landmarks: np.ndarray, config: AUConfig | None = None,
     return au_features(landmarks, config, shape_model)[:, len(AUS) :]
 
 
+def calibration_features(landmarks: np.ndarray, shape_model: ShapeModel | None = None) -> np.ndarray:
+    """(N, 68, 2) landmarks -> (N, 157): ``au_features`` (21), then the frontalised (and, with a shape
+    model, denoised) coordinates x0, y0, ..., x67, y67 in inter-ocular units (136).
+
+    The input of ``AUCalibration``: the 21 AU columns say what EMFACS measures, the coordinates keep
+    what the proxies throw away (``docs/method.md`` §4).
+    """
+    frontal = _frontal(landmarks, shape_model)
+    return np.concatenate([_au_columns(frontal, AUConfig()), frontal.reshape(len(frontal), -1)], 1)
+
+
 def au_features(landmarks: np.ndarray, config: AUConfig | None = None,
                 shape_model: ShapeModel | None = None) -> np.ndarray:  # fmt: skip
-    """(N, 68, 2) landmarks -> (N, 21): the 13 AU intensities, then the 8 EMFACS scores (``au_scores``).
+    """(N, 68, 2) landmarks -> (N, 21): the 13 AU intensities, then the 8 EMFACS presences (``au_scores``).
 
-    The input of ``AUCalibration``.
+    With the frontalised coordinates, the input of ``AUCalibration`` (``calibration_features``).
     """
-    config = config or AUConfig()
-    m = _measures(_frontal(landmarks, shape_model))  # frontalised once for intensities and contempt
+    return _au_columns(_frontal(landmarks, shape_model), config or AUConfig())
+
+
+def _au_columns(frontal: np.ndarray, config: AUConfig) -> np.ndarray:
+    m = _measures(frontal)  # frontalised once for intensities and contempt
     u = _intensities(m, config.full_scale)
     column = {name: u[:, i] for i, name in enumerate(AUS)}
     asymmetry = np.abs(m["corner_rise_right"] - m["corner_rise_left"]) / config.full_scale["contempt"]
@@ -360,7 +374,8 @@ class AUCalibration:
     landmark noise blurs them, or how often each emotion occurs. This learns that from the annotators'
     labels, the way the experts learn from pixels: the fold-j model never sees fold j, so a train row
     is scored by the model of its own fold (one its label did not train) and every other row by the
-    mean over folds. Features are the 21 columns of ``au_features``, standardised; L2 on the weights.
+    mean over folds. Features are the 157 columns of ``calibration_features`` (the 21 of
+    ``au_features`` and the 136 frontalised coordinates), standardised; L2 on the weights.
     Each emotion's regression reads a label h as "h present, the others absent", so its output is a
     presence in [0, 1] like the experts' (the 8 do not sum to 1).
 
@@ -459,9 +474,11 @@ class AUModel:
 
     def scores(self, landmarks: np.ndarray, ids: list[str], split: str) -> np.ndarray:
         """(N, 68, 2) landmarks (NaN rows: none) -> (N, 8) AU component; train rows are cross-fitted."""
-        features = au_features(landmarks, shape_model=self.shape)
         if self.calibration is None:
-            return features[:, len(AUS) :]
+            return au_features(landmarks, shape_model=self.shape)[:, len(AUS) :]
+        features = calibration_features(landmarks, self.shape)
+        if self.calibration.feature_mean.shape[0] == len(AUS) + len(EMOTIONS):
+            features = features[:, : len(AUS) + len(EMOTIONS)]  # a model fitted on the AU columns alone
         row_folds = folds(ids, self.num_folds) if split == "train" else np.full(len(ids), -1)
         return self.calibration.predict(features, row_folds)
 

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from builder.au import AUCalibration, AUModel, ShapeModel, au_features, degenerate_landmarks, shape_moments
+from builder.au import AUCalibration, AUModel, ShapeModel, calibration_features, degenerate_landmarks, shape_moments
 from builder.softlabel import FusionConfig, fit_fusion
 from builder.stage import Stage, read_columns, write_json_atomic
 from core.schema import AU_MODEL_FILE, FUSION_FILE, HUMAN_LABELS, folds
@@ -117,7 +117,7 @@ def _fit_au(shards: list[str], dirs: list[Path], au_config: AUModelConfig, num_f
         for name in (n for n in shards if n.startswith("train-")):
             shard_ids, points, human, _ = read_landmarks(name, dirs)
             if points is not None:
-                features.append(au_features(points, shape_model=shape))
+                features.append(calibration_features(points, shape))
                 labels.append(human)
                 ids += shard_ids
         if not features:  # AUCalibration.fit names what is missing when there are rows but no usable labels

@@ -12,6 +12,7 @@ from builder.au import (
     au_features,
     au_intensities,
     au_scores,
+    calibration_features,
     degenerate_landmarks,
     frontalise,
     reference_landmarks,
@@ -225,3 +226,20 @@ def test_normal_faces_are_not_degenerate_whatever_their_pose_and_scale():
     batch = np.stack(faces + posed)
     assert not degenerate_landmarks(batch).any()
     assert np.isfinite(au_scores(batch)).all()
+
+
+def test_calibration_reads_the_frontalised_coordinates_too():
+    clean, noisy = _expression_faces(np.random.default_rng(3), 400, 1.0)
+    features = calibration_features(noisy)
+    assert features.shape == (400, 21 + 136)
+    np.testing.assert_allclose(features[:, :21], au_features(noisy))  # the AU columns, then the coordinates
+    np.testing.assert_allclose(features[:, 21:].reshape(400, 68, 2), frontalise(noisy))
+    labels = au_scores(clean).argmax(1)
+    row_folds = np.arange(400) % 2
+    model = AUModel(None, AUCalibration.fit(features, labels, row_folds, 2), 2)
+    ids = [f"id{i}" for i in range(400)]
+    scores = model.scores(noisy, ids, "validation")
+    assert scores.shape == (400, 8) and ((scores > 0) & (scores < 1)).all()
+    # a model fitted on the 21 AU columns alone (an older au_model.json) still scores
+    older = AUModel(None, AUCalibration.fit(features[:, :21], labels, row_folds, 2), 2)
+    assert older.scores(noisy, ids, "validation").shape == (400, 8)
