@@ -2,7 +2,9 @@
 
 The schema (``FEATURES``) is declared once, in ``core.schema``, and re-exported here. It is *not* a Hub loading script (``datasets`` >= 4 refuses
 those): ``affectnet-plus build`` uses it to write a no-code Parquet folder named ``affectnet_plus/``
-that ``load_dataset("affectnet_plus")`` reads. The builder below can also be used directly:
+that ``load_dataset("affectnet_plus")`` reads. That folder stores every image once, under
+``data/<split>/*-<partition>.parquet`` partitioned by subset, and each of its configs (``CONFIGS``)
+selects files by ``config_pattern``. The builder below can also be used directly:
 
 Example:
     >>> from affectnet_plus import AffectNetPlus
@@ -21,6 +23,7 @@ from builder.images import Rejected
 from builder.sources import Record, Rejection, deduplicated, make_example, open_source
 from core.schema import (
     COLUMN_DESCRIPTIONS,
+    CONFIGS,
     EMOTIONS,
     ETHNICITY_CLASSES,
     FACE_SIZE,
@@ -31,15 +34,16 @@ from core.schema import (
     SPLITS,
     SUBSETS,
     AffectNetPlusConfig,
+    config_pattern,
     labels_features,
     make_features,
     select_features,
 )
 
 __all__ = [
-    "COLUMN_DESCRIPTIONS", "EMOTIONS", "ETHNICITY_CLASSES", "FACE_SIZE", "FEATURES", "HUMAN_LABELS", "NUM_LANDMARKS",
-    "SOURCE_FORMATS", "SPLITS", "SUBSETS", "AffectNetPlus", "AffectNetPlusConfig", "labels_features",
-    "make_features", "select_features",
+    "COLUMN_DESCRIPTIONS", "CONFIGS", "EMOTIONS", "ETHNICITY_CLASSES", "FACE_SIZE", "FEATURES", "HUMAN_LABELS",
+    "NUM_LANDMARKS", "SOURCE_FORMATS", "SPLITS", "SUBSETS", "AffectNetPlus", "AffectNetPlusConfig", "config_pattern",
+    "labels_features", "make_features", "select_features",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,20 @@ from datasets.info import DatasetInfosDict
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from core.schema import COLUMN_DESCRIPTIONS, HUMAN_LABELS, SUBSETS, select_features
+from builder.softlabel import SubsetConfig
+from core.schema import (
+    COLUMN_DESCRIPTIONS,
+    DATA_DIR,
+    HUMAN_LABELS,
+    LABELS_CONFIG,
+    LABELS_DIR,
+    SUBSETS,
+    UNASSIGNED,
+    config_files,
+    config_pattern,
+    labels_features,
+    select_features,
+)
 
 TEMPLATE_NAME = "dataset_card.md"
 AFFECTNET_LICENSE_URL = "http://mohammadmahoor.com/affectnet/"
@@ -59,7 +72,8 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _shards(out: Path, config: str, split: str) -> list[Path]:
-    return sorted((out / "data" / config).glob(f"{split}-*.parquet"))
+    """The files of one split of one config: configs select files of one layout, never copies of rows."""
+    return config_files(out, config, split)
 
 
 def _size_category(n: int) -> str:
@@ -80,13 +94,7 @@ def card_data(out: Path, features, report: dict, license_fields: dict) -> Datase
     """YAML metadata: one ``configs`` entry and one ``dataset_info`` entry per written config."""
     configs, infos = {}, {}
     for config, split_counts in report["configs"].items():
-        config_features = (
-            features
-            if config != "labels"
-            else select_features(
-                [n for n in features if n != "image"], tuple(features["ethnicity"]) if "ethnicity" in features else ()
-            )
-        )
+        config_features = labels_features(features) if config == LABELS_CONFIG else features
         splits = SplitDict()
         for split in split_counts:
             files = _shards(out, config, split)
@@ -94,7 +102,7 @@ def card_data(out: Path, features, report: dict, license_fields: dict) -> Datase
             num_bytes = sum(m.row_group(i).total_byte_size for m in metas for i in range(m.num_row_groups))
             splits.add(SplitInfo(name=split, num_bytes=num_bytes, num_examples=sum(m.num_rows for m in metas)))
         configs[config] = {
-            "data_files": [{"split": s, "path": f"data/{config}/{s}-*.parquet"} for s in split_counts],
+            "data_files": [{"split": s, "path": config_pattern(config, s)} for s in split_counts],
             **({"default": True} if config == "default" else {}),
         }
         infos[config] = DatasetInfo(
@@ -116,11 +124,34 @@ def card_data(out: Path, features, report: dict, license_fields: dict) -> Datase
     return data
 
 
+def _megabytes(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB" if num_bytes >= 100_000 else f"{num_bytes / 1e3:.1f} kB"
+
+
+def _configs_table(out: Path, configs: dict, splits: list[str]) -> str:
+    """Rows per config and split, each config's files and their size; then how the files are shared."""
+    rows = []
+    for config, counts in configs.items():
+        size = sum(p.stat().st_size for s in counts for p in _shards(out, config, s))
+        pattern = config_pattern(config, "{split}")
+        rows.append([config, f"`{pattern}`", *(counts.get(s, "—") for s in splits), _megabytes(size)])
+    written = {p.name.split("-")[0] for s in splits for p in _shards(out, "default", s)}
+    partitions = [name for name in (*SUBSETS, UNASSIGNED) if name in written]
+    layout = (
+        f"Every image is stored once. `{DATA_DIR}/{{split}}/` holds one Parquet file per partition of each shard of "
+        f"rows ({', '.join(f'`{name}`' for name in partitions)}; `{UNASSIGNED}`: rows without a subset), with every "
+        "column; `default` reads all of them and each subset config only its own partition's, so the configs share "
+        f"their files instead of copying rows. `{LABELS_DIR}/{{split}}/` holds the same files without the image "
+        "column, rows in the same order as `default`."
+    )
+    return _table(["config", "files", *splits, "size"], rows) + "\n\n" + layout
+
+
 def _label_table(out: Path, splits: list[str]) -> str:
     counts = {}
     for split in splits:
         counter = Counter()
-        for shard in _shards(out, "labels", split):
+        for shard in _shards(out, LABELS_CONFIG, split):
             counter.update(pq.read_table(shard, columns=["human_label"])["human_label"].to_pylist())
         counts[split] = counter
     rows = [
@@ -137,10 +168,10 @@ def _soft_label_section(features, report: dict) -> str:
     experts = report["fingerprint"].get("experts")
     if experts:
         fusion = report["fusion"]
-        thresholds = report["subsets"]
+        rule = SubsetConfig(**report["subsets"]).describe()
         fitted = fusion.get("fitted_on")
         how = (
-            f" (fitted: the pair that maximises the mean log-probability of the annotators' labels on "
+            f" (fitted: the λ under which the annotators' labels, read one-vs-rest, are most likely on "
             f"{fitted['rows']} {fitted.get('split', 'train')} rows, whose expert scores are out-of-fold; no "
             "validation label is used)"
             if fitted
@@ -160,30 +191,34 @@ def _soft_label_section(features, report: dict) -> str:
         else:
             shape_text = shape["skipped"] if shape else "off"
         au_text = (
-            f"multinomial logistic regression on the 13 AU intensities and 8 EMFACS scores, fitted on "
+            f"8 one-vs-rest logistic regressions on the 13 AU intensities, 8 EMFACS presences and 136 frontalised "
+            f"landmark coordinates, fitted on "
             f"{calibration['rows']} train rows' annotator labels, one model per fold ({calibration['num_folds']}), "
             f"L2 {calibration['l2']}"
             if calibration
-            else "normalised EMFACS scores"
+            else "EMFACS presences (uncalibrated)"
         )
         return (
             "Soft labels were computed by this build (affectnet-plus `docs/method.md` §3-§6, a reimplementation: "
-            "the paper's exact recipe is not public): s = normalise((λ p̂ + (1 - λ) â) ^ (1 / T)), where p̂ are the "
-            "cross-fitted scores of the 8 one-vs-rest ViT experts (a train row is scored by the experts that "
-            "never saw its fold) and â the AU component: action units measured on the landmarks (frontalised, "
-            "then denoised by a shape model of the build's faces), scored by their EMFACS prototypes or, where "
-            "calibrated, mapped to emotion probabilities by a model cross-fitted like the experts. A row's own "
-            "human label is not an input of its s; labels enter only through what is fitted on many train rows "
-            "(the experts, the AU calibration and λ and T, when fitted). Subsets: r = rank of s_h in s; easy if "
-            f"r = 1 and s_h >= {thresholds['easy_min_confidence']}; difficult if r >= "
-            f"{thresholds['difficult_min_rank']} or s_h < {thresholds['difficult_max_confidence']}; challenging "
-            "otherwise; -1 for human labels 8-10.\n\n"
+            "the paper's exact recipe is not public): s_k = λ f_k + (1 - λ) a_k for each emotion k, with no "
+            "renormalisation, where f_k is the cross-fitted probability of the one-vs-rest ViT expert of k (a "
+            "train row is scored by the experts that never saw its fold) and a_k the AU component's presence "
+            "of k: action units measured on the landmarks (frontalised, then denoised by a shape model of the "
+            "build's faces), scored by their EMFACS prototypes or, where calibrated, by one-vs-rest models "
+            "cross-fitted like the experts. Like the official release's, `soft_label`, `expert_probs` and "
+            "`au_scores` are 8 independent confidences in [0, 1] that do not sum to 1; divide by their sum "
+            "where a distribution is needed. A row's own human label is not an input of its s; labels enter "
+            "only through what is fitted on many train rows (the experts, the AU calibration and λ, when "
+            f"fitted). Subsets: {rule}; -1 for human labels 8-10."
+            + (" The official release's own soft labels and subsets are kept as `release_soft_label` and "
+               "`release_subset`; `affectnet-plus report` shows how the two agree."
+               if "release_soft_label" in features else "")
+            + "\n\n"
             + _table(
                 ["parameter", "value"],
                 [
                     ["experts", f"`{experts['manifest']}` (sha256 {experts['manifest_sha256']})"],
                     [f"λ (expert weight){how}", fusion["expert_weight"]],
-                    [f"T (temperature){how and ' (fitted with λ)'}", fusion["temperature"]],
                     ["landmark shape model (denoising)", shape_text],
                     ["AU component", au_text],
                     ["rows without landmarks (experts only)", sum(fallback.values())],
@@ -198,8 +233,14 @@ def _soft_label_section(features, report: dict) -> str:
             + "\n\n"
             + subsets
         )
+    if "soft_label" in features and "release_subset" in features:
+        rule = SubsetConfig(**report["subsets"]).describe()
+        return ("Soft labels are those of the AffectNet+ release, kept exactly (8 independent confidences in "
+                f"[0, 1]). Subsets were recomputed from them by this build ({rule}); the release's own are kept "
+                "as `release_subset`.")
     if "soft_label" in features:
-        return "Soft labels and subsets are those of the AffectNet+ release, kept exactly."
+        return ("Soft labels and subsets are those of the AffectNet+ release, kept exactly: `soft_label` is 8 "
+                "independent per-emotion confidences in [0, 1], which do not sum to 1.")
     return (
         "This build has no soft labels yet. Train the experts on it (`affectnet-plus train-experts`) and build "
         "again with `--experts experts/manifest.json` to add `soft_label`, `subset`, `expert_probs` and `au_scores`."
@@ -284,7 +325,6 @@ def render_card(out: Path, reader, config, report: dict, features=None) -> Datas
             )
 
     splits = list(report["splits"])
-    configs_rows = [[c, *(counts.get(s, "—") for s in splits)] for c, counts in report["configs"].items()]
     columns_rows = [
         [f"`{name}`", f"`{_feature_repr(feature)}`", COLUMN_DESCRIPTIONS[name]] for name, feature in features.items()
     ]
@@ -315,7 +355,7 @@ def render_card(out: Path, reader, config, report: dict, features=None) -> Datas
         summary=summary,
         load_path=out.name,
         subset_example=subset_example,
-        configs_table=_table(["config", *splits], configs_rows),
+        configs_table=_configs_table(out, report["configs"], splits),
         columns_table=_table(["column", "feature", "meaning"], columns_rows),
         emotion_codes=", ".join(f"{i} {n}" for i, n in enumerate(HUMAN_LABELS)),
         label_table=_label_table(out, splits) if "human_label" in features else "",

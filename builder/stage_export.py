@@ -1,16 +1,22 @@
-"""Build stage 6, export: the Hub-ready folder, each file written once.
+"""Build stage 6, export: the Hub-ready folder, each file written once and each image stored once.
 
-Per crop shard, the final ``data/default/<shard>`` joins the crop shard's columns, the metadata
-stage's and the fuse stage's (the later stage's column wins: a release's own soft labels are replaced
-by the build's), in schema order; once it is in place the crop shard is deleted, so the crops are never
-kept twice. Then, from the default shards, ``data/labels/`` (every column but the image, one shard per
-default shard) and, when there is a ``subset`` column, ``data/easy|challenging|difficult/`` (the
-default rows filtered by subset, re-cut into shards of ``shard_rows`` rows). Last, the top-level
-files: ``rejects.jsonl``, ``metadata_notes.jsonl`` (when there are notes), ``au_model.json`` and
-``fusion.json`` (with experts), ``build_config.json``, ``README.md`` (the card) and, last of all,
-``build_report.json``, whose counts are taken from the files written (read = written + rejected is
-checked). A resumed export keeps the shards it already wrote; an export whose fingerprint changed
-first deletes everything it had written in OUT.
+Per crop shard ``<split>-iiiii-of-nnnnn.parquet``, the export joins the crop shard's columns, the
+metadata stage's and the fuse stage's (the later stage's column wins: a release's own soft labels are
+replaced by the build's), in schema order, and cuts the rows by subset into partitions: ``easy``,
+``challenging``, ``difficult`` and ``unassigned`` (no subset: human labels 8-10, or a build without
+soft labels). Each non-empty partition becomes ``data/<split>/iiiii-of-nnnnn-<partition>.parquet``
+(every column) and ``labels/<split>/iiiii-of-nnnnn-<partition>.parquet`` (every column but the
+image), rows in their crop-shard order: sorted by name, the files keep the source's shard order. Once all of a crop shard's files are in place the crop shard
+is deleted, so the crops are never kept twice. Configs select files rather than copy rows
+(``core.schema.config_pattern``): ``default`` reads every file of ``data/<split>/``, ``easy`` its
+``*-easy`` files, ``labels`` the files of ``labels/<split>/``.
+
+Last, the top-level files: ``rejects.jsonl``, ``metadata_notes.jsonl`` (when there are notes),
+``au_model.json`` and ``fusion.json`` (with experts), ``build_config.json``, ``README.md`` (the card)
+and, last of all, ``build_report.json``, whose counts are taken from the files written (read =
+written + rejected is checked). A resumed export keeps the files it already wrote and skips the crop
+shards it already consumed; an export whose fingerprint changed first deletes everything it had
+written in OUT.
 
 Fingerprint: the crop, metadata and fuse stages' digests (``au_model.json`` and ``fusion.json`` follow
 from the fuse stage's), the columns, the source settings (the card shows them), ``shard_rows`` and
@@ -20,7 +26,6 @@ the resolved config (without its paths, which depend on the working directory).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -32,11 +37,24 @@ from tqdm.auto import tqdm
 
 from builder.card import render_card
 from builder.stage import Stage, read_columns, write_atomic, write_json_atomic, write_parquet_atomic
-from builder.stage_crop import shard_name
-from core.schema import AU_MODEL_FILE, BUILD_CONFIG_FILE, FUSION_FILE, LABELS_CONFIG, SUBSETS, labels_features
+from core.schema import (
+    AU_MODEL_FILE,
+    BUILD_CONFIG_FILE,
+    CONFIGS,
+    DATA_DIR,
+    FUSION_FILE,
+    LABELS_CONFIG,
+    LABELS_DIR,
+    SUBSETS,
+    UNASSIGNED,
+    config_files,
+    labels_features,
+)
 
 NAME = "export"
-# What the export writes in OUT besides data/ (deleted when the export starts afresh).
+# The folders of OUT that hold the export's Parquet files, and its other files in OUT (all deleted
+# when the export starts afresh).
+OUT_DIRS = (DATA_DIR, LABELS_DIR)
 OUT_FILES = ("README.md", "build_report.json", "rejects.jsonl", "metadata_notes.jsonl", AU_MODEL_FILE, FUSION_FILE,
              BUILD_CONFIG_FILE)  # fmt: skip
 
@@ -47,61 +65,50 @@ def fingerprint(crop: str, metadata: str | None, fuse: str | None, features, set
             "shard_rows": shard_rows, "build_config": build_config}  # fmt: skip
 
 
-def _default_shards(out: Path, split: str) -> list[Path]:
-    return sorted((out / "data" / "default").glob(f"{split}-*.parquet"))
+def partition_file(shard: str, partition: str) -> tuple[str, str]:
+    """``(split, file name)`` of one partition of the crop shard ``shard``: it keeps the shard's index and count.
+
+    Example:
+        >>> partition_file("train-00002-of-00005.parquet", "easy")
+        ('train', '00002-of-00005-easy.parquet')
+    """
+    split, index, of, count = shard.removesuffix(".parquet").rsplit("-", 3)
+    return split, f"{index}-{of}-{count}-{partition}.parquet"
 
 
-def _join(stage: Stage, out: Path, shards: list[str], dirs: list[Path], crop_dir: Path, features,
-          progress: bool) -> None:  # fmt: skip
-    """Writes each final default shard once, from the stage shards in ``dirs``; then drops the crop shard."""
-    target_dir = out / "data" / "default"
-    for name in tqdm(shards, desc="export", unit="shard", disable=not progress):
-        target = target_dir / name
-        if not target.is_file():
-            table = read_columns(name, dirs, list(features))
-            missing = set(features) - set(table.column_names)
-            if missing:
-                raise RuntimeError(f"no stage wrote the columns {sorted(missing)} of {name}")
-            write_parquet_atomic(target, features, stage.work, table=table)
-            stage.wrote()
-        (crop_dir / name).unlink(missing_ok=True)
+def partitions(table: pa.Table) -> list[tuple[str, pa.Table]]:
+    """The non-empty partitions of a shard's rows by subset, rows in their order; without a ``subset``
+    column every row is ``unassigned``."""
+    if "subset" not in table.column_names:
+        return [(UNASSIGNED, table)] if table.num_rows else []
+    subset = table["subset"]
+    parts = [(name, pc.fill_null(pc.equal(subset, code), False)) for code, name in enumerate(SUBSETS)]
+    assigned = pc.fill_null(pc.is_in(subset, value_set=pa.array(range(len(SUBSETS)), subset.type)), False)
+    parts.append((UNASSIGNED, pc.invert(assigned)))
+    return [(name, rows) for name, mask in parts if (rows := table.filter(mask)).num_rows]
 
 
-def _derive_labels(stage: Stage, out: Path, split: str, features) -> None:
-    """The ``labels`` config: every column but ``image``, one shard per default shard."""
+def _export_shards(stage: Stage, out: Path, shards: list[str], dirs: list[Path], crop_dir: Path, features,
+                   progress: bool) -> None:  # fmt: skip
+    """Writes each crop shard's partition files once, from the stage shards in ``dirs``; then drops the crop shard."""
     label_features = labels_features(features)
-    for shard in _default_shards(out, split):
-        target = out / "data" / LABELS_CONFIG / shard.name
-        if not target.is_file():
-            table = pq.read_table(shard, columns=list(label_features))
-            write_parquet_atomic(target, label_features, stage.work, table=table)
-            stage.wrote()
-
-
-def _derive_subset(stage: Stage, out: Path, split: str, features, subset: int, shard_rows: int) -> None:
-    """The ``easy``/``challenging``/``difficult`` configs: default rows filtered by ``subset``."""
-    shards = _default_shards(out, split)
-    count = sum(pc.sum(pc.equal(pq.read_table(s, columns=["subset"])["subset"], subset)).as_py() or 0 for s in shards)
-    if count == 0:
-        return
-    num_shards = math.ceil(count / shard_rows)
-    config_dir = out / "data" / SUBSETS[subset]
-    targets = [config_dir / shard_name(split, i, num_shards) for i in range(num_shards)]
-    if all(t.is_file() for t in targets):
-        return
-    pending, index = None, 0  # at most one default shard plus < shard_rows filtered rows in memory
-    for shard in shards:
-        table = pq.read_table(shard)
-        rows = table.filter(pc.equal(table["subset"], subset))
-        pending = rows if pending is None else pa.concat_tables([pending, rows])
-        while pending.num_rows >= shard_rows:
-            if not targets[index].is_file():
-                write_parquet_atomic(targets[index], features, stage.work, table=pending.slice(0, shard_rows))
-                stage.wrote()
-            pending, index = pending.slice(shard_rows), index + 1
-    if pending is not None and pending.num_rows and not targets[index].is_file():
-        write_parquet_atomic(targets[index], features, stage.work, table=pending)
-        stage.wrote()
+    for name in tqdm(shards, desc="export", unit="shard", disable=not progress):
+        crop_shard = crop_dir / name
+        if not crop_shard.is_file():
+            continue  # consumed by this very export (same fingerprint): all its files are in place
+        table = read_columns(name, dirs, list(features))
+        missing = set(features) - set(table.column_names)
+        if missing:
+            raise RuntimeError(f"no stage wrote the columns {sorted(missing)} of {name}")
+        for partition, rows in partitions(table):
+            split, file = partition_file(name, partition)
+            for folder, part_features in ((DATA_DIR, features), (LABELS_DIR, label_features)):
+                target = out / folder / split / file
+                if not target.is_file():
+                    write_parquet_atomic(target, part_features, stage.work, table=rows.select(list(part_features)))
+                    stage.wrote()
+        # Only now: a kill before this line leaves the crop shard, and the re-run writes what is missing.
+        crop_shard.unlink()
 
 
 def count_notes(notes: bytes) -> dict:
@@ -123,16 +130,19 @@ def _report(out: Path, crop_dir: Path, read: dict[str, int], shards: list[str]) 
         for line in (crop_dir / "rejects" / f"{Path(name).stem}.jsonl").read_text().splitlines():
             row = json.loads(line)
             rejected_by_split.setdefault(row["split"], Counter())[row["reason"]] += 1
-    configs = {}
-    config_dirs = sorted((out / "data").iterdir()) if (out / "data").is_dir() else []
-    # default first, then labels, then the subsets in their order
-    order = ["default", LABELS_CONFIG, *SUBSETS]
-    for config_dir in sorted(config_dirs, key=lambda d: order.index(d.name) if d.name in order else len(order)):
-        configs[config_dir.name] = {
-            split: sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(config_dir.glob(f"{split}-*.parquet")))
+    configs = {}  # in CONFIGS order: default, labels, then the subsets in their order
+    for config in CONFIGS:
+        counts = {
+            split: sum(pq.ParquetFile(p).metadata.num_rows for p in files)
             for split in read
-            if any(config_dir.glob(f"{split}-*.parquet"))
+            if (files := config_files(out, config, split))
         }
+        if counts:
+            configs[config] = counts
+    if configs.get(LABELS_CONFIG, {}) != configs.get("default", {}):
+        raise RuntimeError(
+            f"the labels files hold {configs.get(LABELS_CONFIG)} rows, the data files {configs.get('default')}"
+        )
     per_split = {}
     for split, num_read in read.items():
         rejected = rejected_by_split.get(split, Counter())
@@ -145,10 +155,10 @@ def _report(out: Path, crop_dir: Path, read: dict[str, int], shards: list[str]) 
     total_rejected = sum((Counter(s["rejected"]) for s in per_split.values()), Counter())
     without_landmarks = {}
     for split in read:
-        split_shards = _default_shards(out, split)
-        if split_shards and "au_scores" in pq.read_schema(split_shards[0]).names:
+        split_files = config_files(out, "default", split)
+        if split_files and "au_scores" in pq.read_schema(split_files[0]).names:
             without_landmarks[split] = sum(
-                pq.read_table(p, columns=["au_scores"])["au_scores"].null_count for p in split_shards
+                pq.read_table(p, columns=["au_scores"])["au_scores"].null_count for p in split_files
             )
     report = {
         "read": sum(s["read"] for s in per_split.values()),
@@ -175,16 +185,11 @@ def run(stage: Stage, out: Path, shards: list[str], read: dict[str, int], crop_d
     if not stage.start():
         return json.loads((out / "build_report.json").read_text())
     if stage.fresh:  # what an export of other inputs left in OUT
-        shutil.rmtree(out / "data", ignore_errors=True)
+        for folder in OUT_DIRS:
+            shutil.rmtree(out / folder, ignore_errors=True)
         for name in OUT_FILES:
             (out / name).unlink(missing_ok=True)
-    _join(stage, out, shards, dirs, crop_dir, features, progress)
-    splits = list(read)
-    for split in splits:
-        _derive_labels(stage, out, split, features)
-        if "subset" in features:
-            for subset in range(len(SUBSETS)):
-                _derive_subset(stage, out, split, features, subset, stage.fingerprint["shard_rows"])
+    _export_shards(stage, out, shards, dirs, crop_dir, features, progress)
 
     report = {**_report(out, crop_dir, read, shards), **report_fields}
     rejects = b"".join((crop_dir / "rejects" / f"{Path(n).stem}.jsonl").read_bytes() for n in shards)

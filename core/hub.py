@@ -20,7 +20,7 @@ import fnmatch
 from contextlib import contextmanager
 from pathlib import Path
 
-from core.schema import BUILD_CONFIG_FILE, LABELS_CONFIG, WORK_DIR
+from core.schema import BUILD_CONFIG_FILE, DATA_DIR, LABELS_CONFIG, LABELS_DIR, WORK_DIR
 
 # Weights formats that unpickle on load: never published, and never loaded as weights.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -28,6 +28,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MODEL_IGNORE = ["checkpoints/**", "logs/**"]
 TRAINING_CONFIG = "training_config.json"  # the resolved run config saved next to a checkpoint
 LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
+# The folders of a built dataset that hold its Parquet files: a push replaces them whole on the Hub.
+PARQUET_DIRS = (DATA_DIR, LABELS_DIR)
 
 
 class HubPushError(RuntimeError):
@@ -68,7 +70,8 @@ def _files(folder: Path) -> list[str]:
 
 
 def check_dataset_folder(folder, labels_only: bool = False) -> Path:
-    """Raises unless ``folder`` is a finished build (README.md, Parquet under data/, no ``.build/``)."""
+    """Raises unless ``folder`` is a finished build (README.md, Parquet under data/ and labels/, no ``.build/``);
+    ``labels_only`` needs only labels/."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
@@ -79,9 +82,9 @@ def check_dataset_folder(folder, labels_only: bool = False) -> Path:
         )
     if not (folder / "README.md").is_file():
         raise ValueError(f"{folder} has no README.md: it is not a finished AffectNet+ build")
-    config_dir = folder / "data" / (LABELS_CONFIG if labels_only else "")
-    if not any(config_dir.rglob("*.parquet")):
-        raise ValueError(f"{folder} has no Parquet files under {config_dir.relative_to(folder)}/")
+    for name in (LABELS_DIR,) if labels_only else PARQUET_DIRS:
+        if not any((folder / name).rglob("*.parquet")):
+            raise ValueError(f"{folder} has no Parquet files under {name}/: it is not a finished AffectNet+ build")
     return folder
 
 
@@ -115,14 +118,16 @@ def push_dataset(
     """Publishes a built AffectNet+ folder as a Hub dataset in one commit; returns the commit URL.
 
     Args:
-        folder: the output of ``builder.export.build`` (README.md, data/<config>/*.parquet, reports).
+        folder: the output of ``builder.export.build`` (README.md, data/<split>/*.parquet, labels/<split>/*.parquet,
+            reports).
         repo_id: ``ORG/NAME``; created if missing.
         private, gated: the repo's visibility and manual access approval, set before any data is sent.
-        labels_only: publish only ``data/labels/`` and a card that lists only the ``labels`` config: no images.
+        labels_only: publish only ``labels/`` and a card that lists only the ``labels`` config: no images.
         token: a Hub token; by default the one ``huggingface_hub`` finds (``HF_TOKEN``, ``hf auth login``).
 
-    Remote files under ``data/`` that the folder no longer has (older shards) are deleted in the same
-    commit, so the repo never mixes two builds. The local folder is only read.
+    Remote files under ``data/`` and ``labels/`` that the push does not send (older shards, another
+    layout's, the images of an earlier full push under a labels-only one) are deleted in the same commit,
+    so the repo never mixes two builds. The local folder is only read.
 
     Example:
         >>> push_dataset("affectnet_plus/", "my-lab/affectnet_plus-labels", labels_only=True)  # doctest: +SKIP
@@ -142,15 +147,16 @@ def push_dataset(
                 repo_id=repo_id,
                 repo_type="dataset",
                 folder_path=str(folder),
-                delete_patterns=["data/**"],
+                delete_patterns=[f"{name}/**" for name in PARQUET_DIRS],
                 ignore_patterns=[BUILD_CONFIG_FILE],  # local: it may name this machine's paths
                 commit_message="Upload AffectNet+ build",
             )
             return str(commit)
         # The card is sent from memory, so nothing (not even a temporary file) is written into the folder.
-        local = [f for f in _files(folder) if f.startswith(f"data/{LABELS_CONFIG}/")]
+        local = [f for f in _files(folder) if f.startswith(f"{LABELS_DIR}/")]
         remote = api.list_repo_files(repo_id, repo_type="dataset")
-        operations = [CommitOperationDelete(path_in_repo=f) for f in remote if f.startswith("data/") and f not in local]
+        stale = [f for f in remote if f.startswith(tuple(f"{name}/" for name in PARQUET_DIRS)) and f not in local]
+        operations = [CommitOperationDelete(path_in_repo=f) for f in stale]
         operations += [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme)]
         operations += [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in local]
         commit = api.create_commit(

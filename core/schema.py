@@ -175,7 +175,7 @@ class AffectNetPlusConfig(datasets.BuilderConfig):
 # The layout of a built folder: these names are read by the build, the Hub I/O and the loaders.
 WORK_DIR = ".build"  # a build's work folder inside OUT; its presence means the build is unfinished
 LABELS_CONFIG = "labels"  # the config without images
-# Every image is stored once: DATA_DIR/<split>/<partition>-iiiii-of-nnnnn.parquet holds every column,
+# Every image is stored once: DATA_DIR/<split>/iiiii-of-nnnnn-<partition>.parquet holds every column,
 # partitioned by subset, and each config selects its files (`config_pattern`). LABELS_DIR mirrors it
 # without the image column.
 DATA_DIR = "data"
@@ -195,14 +195,14 @@ def config_pattern(config: str, split: str) -> str:
 
     Example:
         >>> config_pattern("easy", "train"), config_pattern("default", "train")
-        ('data/train/easy-*.parquet', 'data/train/*.parquet')
+        ('data/train/*-easy.parquet', 'data/train/*.parquet')
     """
     if config == "default":
         return f"{DATA_DIR}/{split}/*.parquet"
     if config == LABELS_CONFIG:
         return f"{LABELS_DIR}/{split}/*.parquet"
     if config in SUBSETS:
-        return f"{DATA_DIR}/{split}/{config}-*.parquet"
+        return f"{DATA_DIR}/{split}/*-{config}.parquet"
     raise ValueError(f"unknown config {config!r}: expected one of {CONFIGS}")
 
 

@@ -18,22 +18,25 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Image, load_dataset
 
-from core.schema import EMOTIONS, WORK_DIR, fold_of, folds  # noqa: F401  (fold_of, folds: the fold rule, re-exported)
+# fold_of, folds: the fold rule, re-exported
+from core.schema import DATA_DIR, EMOTIONS, SPLITS, WORK_DIR, config_files, fold_of, folds  # noqa: F401
 from models.transforms import decode_image
 
 
 def load_splits(data: str | Path, columns=("image_id", "image", "human_label")) -> DatasetDict:
     """The splits of a built AffectNet+ folder, images left as JPEG bytes (decoded in loader workers)."""
     path = Path(data)
-    shards = sorted((path / "data" / "default").glob("*.parquet"))
-    # A build in progress (its work folder is there) has no card yet, or an outdated one: read its
-    # default shards directly.
-    in_progress = (path / WORK_DIR).is_dir() and shards
-    if (path / "README.md").is_file() and (path / "data").is_dir() and not in_progress:
+    data_dir = path / DATA_DIR
+    found = sorted(p.name for p in data_dir.iterdir() if p.is_dir()) if data_dir.is_dir() else []
+    names = [s for s in SPLITS if s in found] + [s for s in found if s not in SPLITS]
+    files = {name: [str(p) for p in config_files(path, "default", name)] for name in names}
+    files = {name: paths for name, paths in files.items() if paths}
+    # A build in progress (its work folder is there) has no card yet, or an outdated one: read the
+    # default config's files directly, as the card would select them.
+    in_progress = (path / WORK_DIR).is_dir() and files
+    if (path / "README.md").is_file() and data_dir.is_dir() and not in_progress:
         splits = load_dataset(str(path))
-    elif shards:
-        names = sorted({p.name.split("-")[0] for p in shards})
-        files = {name: [str(p) for p in shards if p.name.startswith(f"{name}-")] for name in names}
+    elif files:
         splits = load_dataset("parquet", data_files=files)
     else:
         raise FileNotFoundError(f"{data} is not a built AffectNet+ folder (run `affectnet-plus build` first)")

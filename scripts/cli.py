@@ -287,7 +287,7 @@ def make_parser() -> argparse.ArgumentParser:
         "build",
         help="build the Hub-ready AffectNet+ folder from a source",
         description="Read SOURCE, crop faces to squares, and write OUT: Parquet shards under "
-        "data/<config>/, a dataset card (README.md) that load_dataset reads, build_report.json, "
+        "data/<split>/ (partitioned by subset, each image once) and labels/<split>/ (no images), a dataset card (README.md) that load_dataset reads, build_report.json, "
         "rejects.jsonl and build_config.json. Every source row is written or rejected with a reason. The "
         "build runs in stages (crop, metadata, score, fit, fuse, export) with their own caches: a killed "
         "build resumes when run again, and a changed option redoes only the stages it affects. `build "

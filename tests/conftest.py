@@ -104,8 +104,9 @@ def write_release_annotation(path: Path, label=1, soft=None, subset=0, race=None
         "meta-data": {
             "age": 31.5,
             "gender": {"female": 0.3, "male": 0.7},
-            "race": race or {"white": 0.4, "black": 0.1, "asian": 0.3, "indian": 0.1, "other": 0.1},
-            "pose": {"yaw": 10.0, "pitch": -5.0, "roll": 2.5},
+            "race": race or {"asian": 0.3, "indian": 0.1, "black": 0.1, "white": 0.4, "middle eastern": 0.05,
+                             "latino hispanic": 0.05},
+            "pose": {"yaw": 0.17, "pitch": -0.09, "roll": 0.04},  # radians, as the release has them
             "valence": 0.4,
             "arousal": 0.2,
             "landmark-68": [[50 + i, 60 + i] for i in range(68)],

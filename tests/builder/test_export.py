@@ -1,20 +1,26 @@
 import hashlib
 import json
 import os
+import shutil
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+from datasets import Image as ImageFeature
 from datasets import load_dataset
+from huggingface_hub import DatasetCard
 from PIL import Image
 
 from affectnet_plus import AffectNetPlus, AffectNetPlusConfig, select_features
 from builder.au import AUModel
 from builder.export import AUModelConfig, BuildOptions, build
-from builder.softlabel import FusionConfig, normalise
+from builder.softlabel import FusionConfig
 from builder.sources import AffectNetPlusReader, AffectNetReader
+from core.schema import SUBSETS, config_files, config_pattern
 from tests.conftest import affectnet_row, face_image, write_release_annotation
 
 QUIET = BuildOptions(progress=False)
@@ -35,11 +41,15 @@ def test_built_folder_loads_with_declared_features(small_affectnet, tmp_path, mo
     report = build(small_affectnet, out, AffectNetPlusConfig(), BuildOptions(shard_rows=5, progress=False))
     assert report["read"] == report["written"] == 20 and report["rejected"] == {}
     assert report["configs"]["default"] == {"train": 12, "validation": 4, "unlabeled": 4}
-    assert sorted(p.name for p in (out / "data/default").iterdir())[:3] == [
-        "train-00000-of-00003.parquet",
-        "train-00001-of-00003.parquet",
-        "train-00002-of-00003.parquet",
-    ]
+    # no subset column: every row is unassigned, one file per crop shard, with its index and count
+    data = ["train/00000-of-00003-unassigned.parquet", "train/00001-of-00003-unassigned.parquet",
+            "train/00002-of-00003-unassigned.parquet", "unlabeled/00000-of-00001-unassigned.parquet",
+            "validation/00000-of-00001-unassigned.parquet"]  # fmt: skip
+    assert _parquet(out, "data") == data and _parquet(out, "labels") == data
+    card = DatasetCard.load(out / "README.md")
+    assert [c["config_name"] for c in card.data.configs] == ["default", "labels"]
+    assert card.data.configs[0]["data_files"][0] == {"split": "train", "path": "data/train/*.parquet"}
+    assert card.data.configs[1]["data_files"][0] == {"split": "train", "path": "labels/train/*.parquet"}
     assert not (out / ".build").exists()
     expected = select_features(AffectNetReader.columns)
 
@@ -63,6 +73,11 @@ def test_built_folder_loads_with_declared_features(small_affectnet, tmp_path, mo
     card = (out / "README.md").read_text()
     assert "read = written + rejected: 20 = 20 + 0" in card
     assert "non-commercial academic research" in card
+
+
+def _parquet(out: Path, top: str) -> list[str]:
+    """The Parquet files under ``out/top``, relative to it."""
+    return sorted(p.relative_to(out / top).as_posix() for p in (out / top).rglob("*.parquet"))
 
 
 def _bomb_png(path: Path) -> None:
@@ -130,7 +145,7 @@ def _release(root: Path, n: int) -> Path:
             face_image(224, 224, seed=i).save(root / part / "images" / f"{i:03d}.jpg", quality=90)
             soft = rng.dirichlet(np.ones(8))
             write_release_annotation(root / part / "annotations" / f"{i:03d}.json", label=i % 8, soft=soft.tolist(),
-                                     subset=i % 3)  # fmt: skip
+                                     subset=i % 3, pose={"yaw": 0.1, "pitch": -0.05, "roll": 0.02})  # fmt: skip
     return root
 
 
@@ -147,20 +162,22 @@ def test_release_build_keeps_soft_labels_and_writes_subset_configs(tmp_path):
     full = load_dataset(str(out), split="train")
     assert full.features == select_features(AffectNetPlusReader.columns, reader.ethnicity_classes)
     original = json.loads((root / "human_annotated/train_set/annotations/004.json").read_text())
-    row = full[4]
+    (row,) = (r for r in full if r["image_id"].endswith("/004"))
     assert row["soft_label"] == pytest.approx(original["soft-label"], abs=1e-6)
     assert row["subset"] == original["subset"]
     assert row["image"].size == (224, 224)
     # 224 px JPEGs are stored byte for byte, not re-encoded
-    stored = load_dataset(str(out), split="train").cast_column("image", full.features["image"].__class__(decode=False))
-    assert stored[4]["image"]["bytes"] == (root / "human_annotated/train_set/images/004.jpg").read_bytes()
+    stored = full.cast_column("image", ImageFeature(decode=False))
+    (image,) = (r["image"] for r in stored if r["image_id"].endswith("/004"))
+    assert image["bytes"] == (root / "human_annotated/train_set/images/004.jpg").read_bytes()
 
     easy = load_dataset(str(out), "easy")
     assert set(easy["train"]["subset"]) == {0} and len(easy["train"]) == 3
-    assert sorted(p.name for p in (out / "data/easy").iterdir()) == [
-        "train-00000-of-00002.parquet", "train-00001-of-00002.parquet",
-        "validation-00000-of-00002.parquet", "validation-00001-of-00002.parquet",
-    ]  # fmt: skip
+    # 9 rows a split, 2 a crop shard, subsets 0, 1, 2, 0, ...: the easy rows 0, 3, 6 lie in crop shards 0, 1 and 3
+    assert [p for p in _parquet(out, "data") if "easy" in p] == [
+        f"{split}/{i:05d}-of-00005-easy.parquet" for split in ("train", "validation") for i in (0, 1, 3)
+    ]
+    assert _parquet(out, "labels") == _parquet(out, "data") and len(_parquet(out, "data")) == 2 * 9
     assert "easy = load_dataset" in (out / "README.md").read_text()
 
 
@@ -289,8 +306,7 @@ def test_degenerate_landmarks_get_null_au_scores_a_note_and_a_count(make_affectn
     assert bad == {"Manually_Annotated_Images/0/03", "Manually_Annotated_Images/0/07"}
     for row in train:  # the experts alone make the soft label of those rows
         if row["image_id"] in bad:
-            expected = normalise(np.asarray([row["expert_probs"]])) ** (1 / report["fusion"]["temperature"])
-            np.testing.assert_allclose(row["soft_label"], normalise(expected)[0], atol=1e-5)
+            np.testing.assert_allclose(row["soft_label"], row["expert_probs"], atol=1e-6)
     notes = [json.loads(line) for line in (out / "metadata_notes.jsonl").read_text().splitlines()]
     assert {n["image_id"] for n in notes} == bad and all(n["reasons"] == {"au_scores": "degenerate_landmarks"}
                                                          for n in notes)  # fmt: skip
@@ -309,25 +325,24 @@ def test_imagefolder_build_with_experts_falls_back_to_experts_only(experts, tmp_
     assert report["soft_labels_without_landmarks"] == {"train": 6, "validation": 6}
     rows = load_dataset(str(out), split="train")
     assert all(a is None for a in rows["au_scores"])
-    np.testing.assert_allclose(np.asarray(rows["soft_label"]), normalise(np.asarray(rows["expert_probs"])), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rows["soft_label"]), np.asarray(rows["expert_probs"]), atol=1e-6)
 
 
 def test_fitted_fusion_uses_train_labels_and_beats_smoothing_on_the_sample(built_sample, experts, tmp_path, capsys):
-    """λ and T fitted on the train rows; the truth check's own numbers are tested in test_truth.py."""
+    """λ fitted on the train rows; the truth check's own numbers are tested in test_truth.py."""
     from builder.truth import truth_check
     from scripts.cli import main as cli
 
     raw = built_sample.parent / "raw"
     out = tmp_path / "affectnet_plus"
     report = build(raw, out, AffectNetPlusConfig(), QUIET, experts=str(experts), fusion=FusionConfig(fit=True))
-    # λ and T are fitted on the train rows' labels only (out-of-fold scores), never the validation rows'
+    # λ is fitted on the train rows' labels only (out-of-fold scores), never the validation rows'
     train = load_dataset(str(out), "labels", split="train")
     assert report["fusion"]["fitted_on"] == {**report["fusion"]["fitted_on"], "split": "train",
                                              "rows": sum(h < 8 for h in train["human_label"])}  # fmt: skip
     saved = json.loads((out / "fusion.json").read_text())  # what predict --dataset reads
-    assert (saved["expert_weight"], saved["temperature"]) == (report["fusion"]["expert_weight"],
-                                                              report["fusion"]["temperature"])  # fmt: skip
-    assert "fitted: the pair that maximises" in (out / "README.md").read_text()
+    assert saved["expert_weight"] == report["fusion"]["expert_weight"]
+    assert "fitted: the λ under which" in (out / "README.md").read_text()
     result = truth_check(out, raw / "ground_truth.jsonl")
     labelled = [r for r in map(json.loads, (raw / "ground_truth.jsonl").read_text().splitlines())
                 if r["split"] != "unlabeled" and r["soft_label"] is not None and r["human_label"] < 8]  # fmt: skip
@@ -362,7 +377,7 @@ def test_soft_labels_denoise_the_annotators_on_the_sample(experts, tmp_path):
     au_model = report["fusion"]["au_model"]
     assert au_model["shape_model"]["components"] == 24 and au_model["calibration"]["num_folds"] == 2
     card = (out / "README.md").read_text()
-    assert "24 modes fitted on" in card and "multinomial logistic regression" in card
+    assert "24 modes fitted on" in card and "one-vs-rest logistic regressions" in card
     saved = AUModel.from_json(json.loads((out / "au_model.json").read_text()))  # what predict --au-model reads
     assert saved.shape is not None and saved.calibration is not None and saved.info == au_model
     result = truth_check(out, raw / "ground_truth.jsonl")
@@ -379,10 +394,10 @@ def test_release_soft_labels_are_replaced_only_when_asked(experts, tmp_path):
     with pytest.raises(ValueError, match="--recompute"):
         build(root, tmp_path / "kept", config, QUIET, experts=str(experts))
     out = tmp_path / "recomputed"
-    build(root, out, config, QUIET, experts=str(experts), recompute=True)
+    build(root, out, config, QUIET, experts=str(experts), recompute="soft-labels")
     original = json.loads((root / "human_annotated/train_set/annotations/001.json").read_text())["soft-label"]
-    row = load_dataset(str(out), split="train")[1]
-    assert row["image_id"].endswith("001") and row["expert_probs"] is not None
+    (row,) = (r for r in load_dataset(str(out), split="train") if r["image_id"].endswith("/001"))
+    assert row["expert_probs"] is not None
     assert not np.allclose(row["soft_label"], original, atol=1e-3)
 
 
@@ -390,7 +405,7 @@ def test_rebuilding_a_finished_folder_redoes_derived_files(small_affectnet, tmp_
     out = tmp_path / "out"
     build(small_affectnet, out, AffectNetPlusConfig(), QUIET)
     first = _files(out)
-    stale = next((out / "data" / "labels").glob("train-*.parquet"))
+    stale = config_files(out, "labels", "train")[0]
     stale.write_bytes(b"left over from an older version")
     build(small_affectnet, out, AffectNetPlusConfig(), QUIET)
     assert _files(out) == first
@@ -472,7 +487,7 @@ def test_report_plots_soft_labels_subsets_and_metadata(built_sample, experts, tm
                  "examples_per_subset.png"):  # fmt: skip
         assert f"]({plot})" in page
         with Image.open(tmp_path / "report" / plot) as image:
-            assert image.size[0] > 300 and len(set(image.convert("L").getdata())) > 20  # a drawing, not a blank
+            assert image.size[0] > 300 and len(np.unique(np.asarray(image.convert("L")))) > 20  # a drawing, not a blank
     assert "The soft label's top emotion is the human label on" in page
     # a folder without soft labels gets the metadata-free, soft-label-free page, not an error
     assert cli(["report", str(built_sample), "--out", str(tmp_path / "plain")]) == 0
@@ -503,3 +518,111 @@ def test_a_build_that_rejects_too_much_or_writes_nothing_fails_and_keeps_its_out
         (root / "Manually_Annotated_Images" / "0" / f"{i}.jpg").unlink(missing_ok=True)
     with pytest.raises(TooManyRejections, match="no row was written"):
         build(root, tmp_path / "empty", AffectNetPlusConfig(), TOLERANT)
+
+
+@pytest.fixture(scope="module")
+def partitioned(tmp_path_factory):
+    """200 faces of the bundled sample in the release layout, built in crop shards of 100 rows: every row
+    has a subset, all three subsets are present."""
+    from builder.sample import SampleConfig, write_sample
+
+    root = tmp_path_factory.mktemp("partitioned")
+    # quality 95: face crops about the size of AffectNet+'s own 224 px JPEGs
+    write_sample(root / "raw", SampleConfig(n=200, seed=0, layout="affectnet-plus", jpeg_quality=(95, 95)))
+    out = root / "affectnet_plus"
+    config = AffectNetPlusConfig(source_format="affectnet-plus")  # the release's poses are in radians
+    report = build(root / "raw", out, config, BuildOptions(shard_rows=100, progress=False))
+    assert all(report["configs"].get(name) for name in SUBSETS)
+    return out
+
+
+def _stored_rows(dataset) -> list[dict]:
+    """Every column, images as their stored bytes (decoded images do not compare)."""
+    if "image" in dataset.column_names:
+        dataset = dataset.cast_column("image", ImageFeature(decode=False))
+    return dataset.to_list()
+
+
+def test_each_image_is_stored_once(partitioned):
+    data = sorted(partitioned.glob("data/*/*.parquet"))
+    labels = sorted(partitioned.glob("labels/*/*.parquet"))
+    assert sorted(partitioned.rglob("*.parquet")) == sorted(data + labels)  # no copy anywhere else
+    ids, image_bytes, subset_image_bytes = Counter(), 0, 0
+    for path in data:
+        table = pq.read_table(path, columns=["image_id", "image", "subset"])
+        ids.update(table["image_id"].to_pylist())
+        sizes = [len(image["bytes"]) for image in table["image"].to_pylist()]
+        image_bytes += sum(sizes)
+        subset_image_bytes += sum(n for n, code in zip(sizes, table["subset"].to_pylist()) if code in (0, 1, 2))
+    assert max(ids.values()) == 1  # no image_id in two data/ files
+    assert sum(ids.values()) == json.loads((partitioned / "build_report.json").read_text())["written"] == 200
+    assert all("image" not in pq.read_schema(p).names for p in labels)
+    on_disk = sum(p.stat().st_size for p in data + labels)
+    assert on_disk < 1.3 * image_bytes
+    # Negative control: a layout that copies the subset rows stores their images a second time, which alone
+    # breaks the bound (here every row has a subset).
+    assert subset_image_bytes == image_bytes and on_disk + subset_image_bytes > 1.3 * image_bytes
+
+
+def test_subset_and_labels_configs_select_the_default_rows(partitioned):
+    report = json.loads((partitioned / "build_report.json").read_text())
+    default = load_dataset(str(partitioned))
+    rows = {split: _stored_rows(d) for split, d in default.items()}
+    for code, name in enumerate(SUBSETS):
+        subset = load_dataset(str(partitioned), name)
+        want = {split: [r for r in split_rows if r["subset"] == code] for split, split_rows in rows.items()}
+        assert {s: _stored_rows(d) for s, d in subset.items()} == {s: r for s, r in want.items() if r}, name
+        assert {s: len(d) for s, d in subset.items()} == report["configs"][name]
+    labels = load_dataset(str(partitioned), "labels")
+    assert set(labels) == set(default)
+    for split in default:  # the same rows in the same order, without the image
+        assert labels[split].to_list() == default[split].remove_columns("image").to_list()
+    # dataset_info: per config, its files' rows and sizes
+    card = DatasetCard.load(partitioned / "README.md")
+    for info in card.data.dataset_info:
+        config = info["config_name"]
+        files = {s["name"]: config_files(partitioned, config, s["name"]) for s in info["splits"]}
+        assert {s["name"]: s["num_examples"] for s in info["splits"]} == report["configs"][config]
+        assert info["download_size"] == sum(p.stat().st_size for paths in files.values() for p in paths)
+    sizes = {i["config_name"]: i["download_size"] for i in card.data.dataset_info}
+    assert sum(sizes[name] for name in SUBSETS) == sizes["default"]  # no unassigned rows in a release
+    assert {c["config_name"]: c["data_files"][0]["path"] for c in card.data.configs} == {
+        config: config_pattern(config, "train") for config in ("default", "labels", *SUBSETS)
+    }
+
+
+def test_every_config_streams(partitioned):
+    for config in ("default", "labels", *SUBSETS):
+        for split, rows in load_dataset(str(partitioned), config).items():
+            streamed = load_dataset(str(partitioned), config, split=split, streaming=True)
+            assert streamed.features == rows.features
+            assert [r["image_id"] for r in streamed] == rows["image_id"], (config, split)
+
+
+def test_load_splits_reads_a_build_finished_or_in_progress(partitioned, tmp_path):
+    from models.data import load_splits
+
+    columns = ("image_id", "image", "subset")
+    finished = load_splits(partitioned, columns)
+    running = tmp_path / "running"  # an unfinished build: a work folder, no card yet
+    shutil.copytree(partitioned, running)
+    (running / ".build").mkdir()
+    (running / "README.md").unlink()
+    read = load_splits(running, columns)
+    assert list(read) == ["train", "validation", "unlabeled"]
+    for split, rows in finished.items():
+        assert read[split]["image_id"] == rows["image_id"] and read[split][0]["image"] == rows[0]["image"]
+
+
+def test_rows_are_partitioned_by_subset_in_their_order():
+    import pyarrow as pa
+
+    from builder.stage_export import partition_file, partitions
+
+    table = pa.table({"image_id": list("abcdefg"), "subset": pa.array([0, -1, 2, None, 1, 0, 2], pa.int64())})
+    got = {name: rows["image_id"].to_pylist() for name, rows in partitions(table)}
+    assert got == {"easy": ["a", "f"], "challenging": ["e"], "difficult": ["c", "g"], "unassigned": ["b", "d"]}
+    assert [name for name, _ in partitions(table.slice(0, 1))] == ["easy"]  # empty partitions get no file
+    assert partitions(table.slice(0, 0)) == []
+    assert [name for name, _ in partitions(table.drop_columns(["subset"]))] == ["unassigned"]
+    assert partition_file("unlabeled-00003-of-00012.parquet", "easy") == ("unlabeled", "00003-of-00012-easy.parquet")

@@ -7,25 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from builder.truth import SMOOTHING, format_truth, truth_check
+from core.schema import LABELS_CONFIG, LABELS_DIR, SUBSETS, config_pattern
 
 N = 120  # labelled emotion rows that truth_check must use
 EIGHT = pa.list_(pa.float32(), 8)
-CARD = """---
-configs:
-- config_name: labels
-  data_files:
-  - split: train
-    path: data/labels/train-*.parquet
-  - split: validation
-    path: data/labels/validation-*.parquet
-  - split: unlabeled
-    path: data/labels/unlabeled-*.parquet
----
-"""
+SPLITS = ("train", "validation", "unlabeled")
+CARD = (
+    "---\nconfigs:\n- config_name: labels\n  data_files:\n"
+    + "".join(f"  - split: {split}\n    path: {config_pattern(LABELS_CONFIG, split)}\n" for split in SPLITS)
+    + "---\n"
+)
 
 
 def _kl(truth: np.ndarray, candidate: np.ndarray) -> float:
@@ -49,8 +45,9 @@ def world():
 
 
 def _write(folder: Path, world: dict, soft: np.ndarray, au: np.ndarray, expert: np.ndarray) -> tuple[Path, Path]:
-    """A labels folder (train: the first 90 rows, validation: the rest) and its ground_truth.jsonl, with
-    rows truth_check must skip: unlabeled, human label 8-10, no AU scores, no truth, not in the truth file."""
+    """A labels folder (train: the first 90 rows, validation: the rest; one file per subset, as a build
+    writes them) and its ground_truth.jsonl, with rows truth_check must skip: unlabeled, human label 8-10,
+    no AU scores, no truth, not in the truth file."""
     true, human, subset = world["true"], world["human"], world["subset"]
     ids = [f"img/{i:04d}" for i in range(N)]
     parts = {"train": slice(0, 90), "validation": slice(90, N)}
@@ -63,7 +60,7 @@ def _write(folder: Path, world: dict, soft: np.ndarray, au: np.ndarray, expert: 
         "skip/no_truth": ("train", 3, False, False),
         "skip/not_in_truth_file": ("validation", 4, False, None),
     }
-    for split in ("train", "validation", "unlabeled"):
+    for split in SPLITS:
         rows = parts.get(split, slice(0, 0))
         table = {
             "image_id": ids[rows],
@@ -81,8 +78,12 @@ def _write(folder: Path, world: dict, soft: np.ndarray, au: np.ndarray, expert: 
                     table[column].append(value)
         schema = pa.schema([("image_id", pa.string()), ("human_label", pa.int64()), ("soft_label", EIGHT),
                             ("subset", pa.int64()), ("expert_probs", EIGHT), ("au_scores", EIGHT)])  # fmt: skip
-        (folder / "data" / "labels").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(table, schema=schema), folder / "data" / "labels" / f"{split}-00000-of-00001.parquet")
+        written = pa.table(table, schema=schema)
+        (folder / LABELS_DIR / split).mkdir(parents=True, exist_ok=True)
+        for code, name in enumerate(SUBSETS):
+            part = written.filter(pc.equal(written["subset"], code))
+            if part.num_rows:
+                pq.write_table(part, folder / LABELS_DIR / split / f"{name}-00000-of-00001.parquet")
     (folder / "README.md").write_text(CARD)
     truth_file = folder.parent / f"{folder.name}_ground_truth.jsonl"
     with open(truth_file, "w") as f:
@@ -157,9 +158,10 @@ def test_truth_check_refuses_folders_it_cannot_judge(world, tmp_path):
     with pytest.raises(ValueError, match="no row of .* has a ground-truth soft label"):
         truth_check(folder, empty_truth)
     stage = tmp_path / "stage"  # a build without experts: no expert_probs (a new folder: datasets caches by mtime)
-    for shard in (folder / "data" / "labels").glob("*.parquet"):
-        (stage / "data" / "labels").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pq.read_table(shard).drop_columns(["expert_probs"]), stage / "data" / "labels" / shard.name)
+    for shard in folder.glob(f"{LABELS_DIR}/*/*.parquet"):
+        target = stage / shard.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pq.read_table(shard).drop_columns(["expert_probs"]), target)
     (stage / "README.md").write_text(CARD)
     with pytest.raises(ValueError, match=r"no \['expert_probs'\]: build it with --experts"):
         truth_check(stage, truth_file)

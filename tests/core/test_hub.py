@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from datasets import Image as ImageFeature
@@ -14,6 +17,7 @@ from datasets import load_dataset
 from huggingface_hub import DatasetCard
 
 from core.hub import HubPushError, join_labels, push_dataset, push_model
+from core.schema import SUBSETS
 from tests.hub_server import TOKEN, USER, fake_hub  # noqa: F401  (the fixture)
 
 # huggingface_hub's LFS upload passes a file as ``data=``, which httpx2 deprecates: not ours to fix.
@@ -68,6 +72,26 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def partitioned(tmp_path_factory):
+    """A build of the bundled sample in the release layout: every row has a subset, all three present."""
+    from affectnet_plus import AffectNetPlusConfig
+    from builder.export import BuildOptions, build
+    from builder.sample import SampleConfig, write_sample
+
+    root = tmp_path_factory.mktemp("partitioned")
+    write_sample(root / "raw", SampleConfig(n=60, seed=0, layout="affectnet-plus"))
+    out = root / "affectnet_plus"
+    config = AffectNetPlusConfig(source_format="affectnet-plus")  # the release's poses are in radians
+    report = build(root / "raw", out, config, BuildOptions(shard_rows=25, progress=False))
+    assert all(report["configs"].get(name) for name in SUBSETS)
+    return out
+
+
+def _parquet_files(folder, top: str) -> list[str]:
+    return [p.relative_to(folder).as_posix() for p in (Path(folder) / top).rglob("*.parquet")]
+
+
 def listing(folder):
     return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*"))
 
@@ -109,7 +133,8 @@ def test_push_labels_only_and_join(built, local, request):
     push_dataset(built, f"{USER}/affectnet_plus-labels", labels_only=True)
 
     files = hub.files("dataset", f"{USER}/affectnet_plus-labels")
-    assert files and all(p == "README.md" or p.startswith("data/labels/") for p in files)
+    assert files and all(p == "README.md" or p.startswith("labels/") for p in files)
+    assert sorted(p for p in files if p != "README.md") == sorted(_parquet_files(built, "labels"))
     assert hub.repo("dataset", f"{USER}/affectnet_plus-labels")["gated"] == "manual"
     card = DatasetCard(files["README.md"]["data"].decode())
     assert [c["config_name"] for c in card.data.configs] == ["labels"]
@@ -132,14 +157,53 @@ def test_labels_only_push_over_a_full_push_removes_the_images(built, request):
     push_dataset(built, f"{USER}/ds", private=False, gated=False)
     repo = hub.repo("dataset", f"{USER}/ds")
     assert not repo["private"] and not repo["gated"]
-    assert any(p.startswith("data/default/") for p in hub.files("dataset", f"{USER}/ds"))
+    assert any(p.startswith("data/") for p in hub.files("dataset", f"{USER}/ds"))
 
     push_dataset(built, f"{USER}/ds", labels_only=True)
 
     assert repo["private"] and repo["gated"] == "manual"  # the defaults apply to an existing repo too
-    data = [p for p in hub.files("dataset", f"{USER}/ds") if p.startswith("data/")]
-    assert data and all(p.startswith("data/labels/") for p in data)
+    remote = hub.files("dataset", f"{USER}/ds")
+    assert not [p for p in remote if p.startswith("data/")]  # no image left
+    assert sorted(p for p in remote if p.startswith("labels/")) == sorted(_parquet_files(built, "labels"))
     assert len(repo["messages"]) == 2
+
+
+def test_push_uploads_each_image_once(partitioned, request):
+    """Subset configs reference the default config's files: each image goes up once, and an older
+    layout's files are deleted by the same commit."""
+    from huggingface_hub import HfApi
+
+    hub = request.getfixturevalue("fake_hub")
+    local = {config: load_dataset(str(partitioned), config) for config in ("default", "labels", *SUBSETS)}
+    api = HfApi()
+    api.create_repo(f"{USER}/parts", repo_type="dataset", private=True)
+    api.upload_file(path_or_fileobj=b"an older build", path_in_repo="data/default/train-00000-of-00001.parquet",
+                    repo_id=f"{USER}/parts", repo_type="dataset")  # fmt: skip
+    hub.lfs.clear()  # from here on, only what the push sends
+
+    push_dataset(partitioned, f"{USER}/parts")
+
+    files = hub.files("dataset", f"{USER}/parts")
+    data = sorted(p for p in files if p.startswith("data/"))
+    assert data == sorted(_parquet_files(partitioned, "data"))  # the stale file is gone
+    ids = Counter()
+    for path in data:
+        table = pq.read_table(io.BytesIO(files[path]["data"]), columns=["image_id", "image"])
+        ids.update(table["image_id"].to_pylist())
+    expected = [i for split in local["default"].values() for i in split["image_id"]]
+    assert sorted(ids) == sorted(expected) and set(ids.values()) == {1}
+    # the LFS objects the push sent: every image among them exactly once (labels files carry none)
+    sent = Counter()
+    for blob in hub.lfs.values():
+        schema = pq.read_schema(io.BytesIO(blob))
+        if "image" in schema.names:
+            sent.update(pq.read_table(io.BytesIO(blob), columns=["image_id"])["image_id"].to_pylist())
+    assert sent == Counter(expected)
+    for config, want in local.items():
+        got = load_dataset(f"{USER}/parts", config)
+        assert set(got) == set(want), config
+        for split in want:
+            assert as_rows(got[split]) == as_rows(want[split]), (config, split)
 
 
 def test_join_labels_reports_missing_images(built, local):
@@ -230,8 +294,8 @@ def test_pushed_build_names_no_local_path(make_affectnet, tmp_path, request):
     # what the folder holds and nothing else (no work folder, no temporary file), but the local build config
     assert set(files) == local - {"build_config.json"} and "build_config.json" in local
     assert {"README.md", "build_report.json", "rejects.jsonl"} <= local
-    assert all(p in {"README.md", "build_report.json", "rejects.jsonl", "build_config.json"} or p.startswith("data/")
-               for p in local)
+    assert all(p in {"README.md", "build_report.json", "rejects.jsonl", "build_config.json"}
+               or p.startswith(("data/", "labels/")) for p in local)  # fmt: skip
     needles = _local_paths(tmp_path, root, out, outside)
     assert _leaks(files, needles) == {}
 
@@ -251,7 +315,7 @@ def test_fake_hub_answers_like_the_hub(built, request):
     api = HfApi()
     api.create_repo(f"{USER}/x", repo_type="dataset", private=True)
     with pytest.raises(RemoteEntryNotFoundError):
-        list(api.list_repo_tree(f"{USER}/x", path_in_repo="data/default", repo_type="dataset"))
+        list(api.list_repo_tree(f"{USER}/x", path_in_repo="data/train", repo_type="dataset"))
     with pytest.raises(RepositoryNotFoundError):
         HfApi(token=False).dataset_info(f"{USER}/x")
     assert api.whoami()["name"] == USER
@@ -295,6 +359,11 @@ def test_refuses_unfinished_build(built, tmp_path):
     with pytest.raises(ValueError, match="unfinished build"):
         push_dataset(folder, f"{USER}/x", token=TOKEN)
     shutil.rmtree(folder / ".build")
+    shutil.rmtree(folder / "labels")  # e.g. a folder of an older layout, whose labels lay under data/
+    with pytest.raises(ValueError, match="no Parquet files under labels/"):
+        push_dataset(folder, f"{USER}/x", token=TOKEN)
+    with pytest.raises(ValueError, match="no Parquet files under labels/"):
+        push_dataset(folder, f"{USER}/x", labels_only=True, token=TOKEN)
     (folder / "README.md").unlink()
     with pytest.raises(ValueError, match="no README.md"):
         push_dataset(folder, f"{USER}/x", token=TOKEN)
