@@ -222,3 +222,35 @@ def fold_of(image_id: str, num_folds: int) -> int:
 def folds(image_ids, num_folds: int) -> np.ndarray:
     """``fold_of`` of each id, as an int64 array."""
     return np.fromiter((fold_of(i, num_folds) for i in image_ids), dtype=np.int64, count=len(image_ids))
+
+
+# The cross-fitting contract (docs/method.md §3): what an expert was trained under, recorded with it and
+# checked wherever it is used.
+FOLD_RULE = "sha1(image_id)[:8] as a big-endian integer, mod K"
+
+
+def ids_digest(image_ids) -> str:
+    """sha256 of the sorted ids, one per line: the same set of rows gives the same digest."""
+    return hashlib.sha256("\n".join(sorted(image_ids)).encode("utf-8")).hexdigest()
+
+
+def fold_plan(train_ids, num_folds: int, train_labels=None) -> dict:
+    """The fold plan of a set of train rows: K, the hash rule, a digest of their ids and, given their
+    labels, a digest of (id, label) pairs (the data the experts learn from).
+
+    Example:
+        >>> plan = fold_plan(["a", "b"], 2, [1, 3])
+        >>> plan["num_folds"], plan["rule"] == FOLD_RULE, plan == fold_plan(["b", "a"], 2, [3, 1])
+        (2, True, True)
+    """
+    plan = {"num_folds": int(num_folds), "rule": FOLD_RULE, "train_ids_sha256": ids_digest(train_ids)}
+    if train_labels is not None:
+        pairs = sorted(f"{i}\t{int(h)}" for i, h in zip(train_ids, train_labels))
+        plan["train_labels_sha256"] = hashlib.sha256("\n".join(pairs).encode("utf-8")).hexdigest()
+    return plan
+
+
+def fold_plan_mismatch(recorded: dict | None, expected: dict) -> list[str]:
+    """The keys of ``expected`` on which ``recorded`` differs (all of them when nothing is recorded)."""
+    recorded = recorded or {}
+    return [key for key, value in expected.items() if recorded.get(key) != value]
