@@ -272,13 +272,13 @@ def _position_embeddings(graph: _Graph, hidden: int) -> np.ndarray:
 
 
 def _num_heads(graph: _Graph, hidden: int) -> int | None:
-    """From the attention's reshape to (batch, tokens, heads, head_dim): its last two constant entries."""
+    """hidden / head_dim, head_dim being the last entry of the (batch, tokens, heads, head_dim) reshapes of
+    query, key and value (exporters write heads as a number or as -1, head_dim always as a number)."""
     found = set()
     for node in graph.scope(f"{PREFIX}/encoder/layer.0/attention", "Concat"):
-        constants = [graph.scalar(name) for name in node.input if name in graph.arrays]
-        constants = [c for c in constants if c is not None]
-        if len(constants) >= 2 and constants[-2] > 0 and constants[-2] * constants[-1] == hidden:
-            found.add(int(constants[-2]))
+        head_dim = graph.scalar(node.input[-1]) if len(node.input) == 4 else None
+        if head_dim is not None and head_dim > 0 and hidden % int(head_dim) == 0:
+            found.add(hidden // int(head_dim))
     return found.pop() if len(found) == 1 else None
 
 

