@@ -263,7 +263,8 @@ def build(
         config: how the source is read (format, crop size and margin, JPEG quality, ...).
         options: sharding, worker processes, overwrite, progress bars.
         experts: an expert ``manifest.json``; with it the build adds ``soft_label``, ``subset``,
-            ``expert_probs`` and ``au_scores`` (``docs/method.md`` §3-§6).
+            ``expert_probs`` and ``au_scores`` (``docs/method.md`` §3-§6). Refused (``ValueError``) unless
+            its experts were trained on this build's train rows (``stage_score.check_fold_plan``).
         fusion: λ, or fitting it (``FusionConfig()`` by default).
         recompute: for a source with its own soft labels and subsets (the official release):
             ``"subsets"`` recomputes the subsets from its soft labels with ``subsets``' rule;
@@ -319,6 +320,7 @@ def build(
     if manifest is not None:
         from builder import stage_score  # torch: only a build with experts pays for importing it
 
+        stage_score.check_fold_plan(manifest)  # what the manifest alone tells: before anything is written
         score = Stage(work, stage_score.NAME, stage_score.fingerprint(crop.digest, manifest))
         num_folds = score.fingerprint["experts"]["num_folds"]
         fit = Stage(work, stage_fit.NAME, stage_fit.fingerprint(crop.digest, meta_digest, score.digest, num_folds,
@@ -352,6 +354,8 @@ def build(
     cropped = stage_crop.run(crop, reader, config, crop_features, options.shard_rows, options.num_proc,
                              options.progress)  # fmt: skip
     shards, read = cropped["shards"], cropped["read"]
+    if manifest is not None:  # the train rows are known now: refuse experts trained on others before any model runs
+        stage_score.check_fold_plan(manifest, stage_score.train_ids([crop.dir, score.dir], shards))
     dirs = [crop.dir]  # where each stage finds its inputs' columns: later stages first
     if meta is not None:
         stage_metadata.run(meta, crop.dir, shards, annotators, features, options.num_proc, options.progress)

@@ -38,20 +38,37 @@ class Rejected(Exception):
         self.detail = detail
 
 
-def _open(path, max_pixels: int) -> Image.Image:
-    """Opens an image lazily (header only), turning each failure mode into a ``Rejected``."""
+def read_image_file(path) -> bytes:
+    """The bytes of an image file, or the ``Rejected`` that ``_open`` would raise for a missing,
+    unreadable or empty one."""
     try:
-        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise Rejected("missing_file", str(path)) from None
     except OSError as err:
         raise Rejected("unreadable_file", f"{path}: {err}") from None
-    if size == 0:
+    if not data:
         raise Rejected("empty_file", str(path))
+    return data
+
+
+def _open(path, max_pixels: int, data: bytes | None = None) -> Image.Image:
+    """Opens an image lazily (header only), turning each failure mode into a ``Rejected``; with
+    ``data`` (the file's bytes, already read) the file is not read again."""
+    if data is None:
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            raise Rejected("missing_file", str(path)) from None
+        except OSError as err:
+            raise Rejected("unreadable_file", f"{path}: {err}") from None
+        if size == 0:
+            raise Rejected("empty_file", str(path))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(path if data is None else io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise Rejected("decompression_bomb", str(err)) from None
     except UnidentifiedImageError:
@@ -95,6 +112,7 @@ def crop_face(
     crop_margin: float = 0.15,
     jpeg_quality: int = 95,
     max_image_pixels: int = 90_000_000,
+    data: bytes | None = None,
 ) -> tuple[bytes, np.ndarray | None]:
     """Decodes ``path`` and returns the square face crop as JPEG bytes plus landmarks in crop pixels.
 
@@ -107,8 +125,10 @@ def crop_face(
             cropped to a square, and a file that already is a ``face_size`` square RGB JPEG is kept
             byte for byte (no re-encoding).
         landmarks: ``(68, 2)`` points in the displayed image's pixels, or ``None``.
+        data: the file's bytes when the caller has read them (``read_image_file``): decoded from
+            memory, ``path`` then only names the file in rejections.
     """
-    image = _open(path, max_image_pixels)
+    image = _open(path, max_image_pixels, data)
     with image:
         orientation = _orientation(image)
         width, height = image.size
@@ -124,8 +144,10 @@ def crop_face(
                 and (width, height) == (face_size, face_size)
             ):
                 _load(image, path)  # still verify that the stored bytes decode
-                with open(path, "rb") as f:
-                    return f.read(), None if landmarks is None else np.asarray(landmarks, np.float32)
+                if data is None:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                return data, None if landmarks is None else np.asarray(landmarks, np.float32)
         else:
             x, y, w, h = face_box
             if not (w > 0 and h > 0) or x >= width or y >= height or x + w <= 0 or y + h <= 0:

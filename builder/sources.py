@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -34,7 +35,7 @@ import numpy as np
 
 from builder import release
 from builder.annotators import detect_face
-from builder.images import Rejected, crop_face
+from builder.images import Rejected, crop_face, read_image_file
 from core.schema import (
     EMOTIONS,
     ETHNICITY_CLASSES,
@@ -650,7 +651,10 @@ class CsvReader(_Reader):
 
 
 def deduplicated(items: Iterable[Record | Rejection], seen: set[str]) -> Iterator[Record | Rejection]:
-    """Second and later rows with an already used ``image_id`` become ``duplicate_image_id`` rejections."""
+    """Second and later rows with an already used ``image_id`` become ``duplicate_image_id`` rejections.
+
+    Rows with other ids but the same image bytes are caught once their files are read: ``duplicate_image``.
+    """
     for item in items:
         if isinstance(item, Record):
             if item.image_id in seen:
@@ -658,6 +662,22 @@ def deduplicated(items: Iterable[Record | Rejection], seen: set[str]) -> Iterato
             else:
                 seen.add(item.image_id)
         yield item
+
+
+def duplicate_image(record: Record, example: dict, first: dict[str, str]) -> Rejection | None:
+    """A ``duplicate_image`` rejection of ``record`` (detail: the kept row's image_id) when an earlier row's
+    image file had the same bytes; otherwise None, and ``record`` becomes the first of its bytes.
+
+    ``example`` is ``make_example``'s row of ``record`` (its ``_sha256``); ``first`` maps each sha256 to the
+    image_id of the first row that had it. Called in source order, across splits, the first row wins: a
+    fold is a hash of ``image_id`` (``docs/method.md`` §3), so one image under two ids could sit in two
+    folds, and an expert would score an image it trained on.
+    """
+    digest = example["_sha256"]
+    kept = first.setdefault(digest, record.image_id)
+    if kept == record.image_id:
+        return None
+    return Rejection(record.origin, record.row, "duplicate_image", kept, record.image_id)
 
 
 READERS = {
@@ -676,8 +696,9 @@ def open_source(source, config: AffectNetPlusConfig):
 
 
 def make_example(record: Record, config: AffectNetPlusConfig, columns) -> dict:
-    """Decodes and crops a record's image and returns its row (only ``columns``), or raises ``Rejected``
-    (whose detail names the image relative to ``record.source_root``).
+    """Decodes and crops a record's image and returns its row (only ``columns``, plus ``_sha256``, the
+    image file's sha256, and ``_info`` when there is a note), or raises ``Rejected`` (whose detail names
+    the image relative to ``record.source_root``).
 
     Every landmark column (``landmarks``, ``landmarks_29``) is mapped from the source image's pixels
     to the crop's, through the same crop as the pixels.
@@ -688,6 +709,7 @@ def make_example(record: Record, config: AffectNetPlusConfig, columns) -> dict:
     landmarks = np.concatenate(list(point_sets.values())) if point_sets else None
     face_box, faces = record.face_box, None
     try:
+        data = read_image_file(record.image_path)  # read once: hashed here, decoded from memory below
         if face_box is None and config.detect_faces:
             face_box, faces = detect_face(record.image_path, config.max_image_pixels)
         jpeg, crop_landmarks = crop_face(
@@ -698,6 +720,7 @@ def make_example(record: Record, config: AffectNetPlusConfig, columns) -> dict:
             crop_margin=config.crop_margin,
             jpeg_quality=config.jpeg_quality,
             max_image_pixels=config.max_image_pixels,
+            data=data,
         )
     except Rejected as err:  # decoding errors name the file: relative to the source, never absolute
         root = record.source_root or os.path.dirname(os.path.abspath(record.image_path))
@@ -705,6 +728,9 @@ def make_example(record: Record, config: AffectNetPlusConfig, columns) -> dict:
     example = {name: record.annotations.get(name) for name in columns}
     example["image_id"] = record.image_id
     example["image"] = {"bytes": jpeg, "path": None}
+    # The source file's bytes, not the crop's: the same file is the same photo whatever the crop settings
+    # or face box, and would leak across folds under any of them (``duplicate_image``).
+    example["_sha256"] = hashlib.sha256(data).hexdigest()
     start = 0
     for name, points in point_sets.items():
         if name in columns:

@@ -4,18 +4,26 @@ Outputs in ``OUT/.build/crop/``: the rows of each split are cut into chunks of `
 rows, and chunk i becomes ``<split>-iiiii-of-nnnnn.parquet`` with every column the source has (the
 image a JPEG face crop); the export keeps its index and count in the names of its final files
 (``data/<split>/iiiii-of-nnnnn-<partition>.parquet``). The rejections and notes of a chunk,
-``rejects/<shard stem>.jsonl`` and ``notes/<shard stem>.jsonl``, are written before its shard, so a
-shard on disk means the whole chunk is done. Images are decoded and cropped by ``num_proc`` worker
-processes. Result: the source rows read per split and the shard names.
+``rejects/<shard stem>.jsonl`` and ``notes/<shard stem>.jsonl``, and the sha256 of the image file of
+each of its rows, ``hashes/<shard stem>.jsonl``, are written before its shard, so a shard on disk means
+the whole chunk is done. Images are decoded, cropped and hashed by ``num_proc`` worker processes.
+Result: the source rows read per split and the shard names.
+
+Duplicates: a row whose ``image_id`` an earlier row has is a ``duplicate_image_id`` rejection, and one
+whose image file has the bytes of an earlier row's is a ``duplicate_image`` rejection (its detail: the
+kept row's image_id). Earlier means in source order, splits in the reader's order, whatever
+``num_proc``: the decision is taken here, chunk by chunk, and a resumed stage reads the hashes of the
+shards it skips.
 
 Fingerprint (``fingerprint``): the source (its folder name and a hash of its resolved path), format,
 face size, crop margin, JPEG quality, pixel limit, pose unit, face detection on/off (and the
-detector's provenance when on), and ``shard_rows``.
+detector's provenance when on), the duplicate rule, and ``shard_rows``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import multiprocessing
 from collections import deque
@@ -25,11 +33,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from builder.images import Rejected
-from builder.sources import Record, Rejection, deduplicated, make_example
+from builder.sources import Record, Rejection, deduplicated, duplicate_image, make_example
 from builder.stage import Stage, jsonl, write_atomic, write_parquet_atomic
 from core.schema import AffectNetPlusConfig
 
 NAME = "crop"
+DEDUPLICATION = "first row of each image_id and of each image file sha256, in source order"
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -50,6 +59,7 @@ def fingerprint(source, config: AffectNetPlusConfig, shard_rows: int) -> dict:
         "max_image_pixels": config.max_image_pixels,
         "pose_unit": config.pose_unit,
         "detect_faces": config.detect_faces,
+        "deduplication": DEDUPLICATION,
         "shard_rows": shard_rows,
     }
     if config.detect_faces:
@@ -85,9 +95,17 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
+def _hashes_path(stage: Stage, name: str) -> Path:
+    return stage.dir / "hashes" / f"{Path(name).stem}.jsonl"
+
+
 def _crop_split(stage: Stage, reader, split: str, features, shard_rows: int, num_proc: int, pool, seen: set,
-                progress: bool) -> tuple[int, list[str]]:  # fmt: skip
-    """Writes the crop shards of one split; returns the source rows read and the shard names."""
+                first: dict, progress: bool) -> tuple[int, list[str]]:  # fmt: skip
+    """Writes the crop shards of one split; returns the source rows read and the shard names.
+
+    ``seen`` holds the image_ids and ``first`` the image sha256s (-> image_id) of the rows before this
+    split's, and gets this split's.
+    """
     num_rows = reader.count(split)  # shard names carry the shard count: know it before the first one
     if num_rows == 0:
         return 0, []
@@ -98,9 +116,11 @@ def _crop_split(stage: Stage, reader, split: str, features, shard_rows: int, num
 
     def finish(index: int, chunk: list, results: Iterator) -> None:
         rows = {name: [] for name in columns}
-        rejections, notes = [], []
+        rejections, notes, hashes = [], [], []
         for item in chunk:
             result = next(results) if isinstance(item, Record) else item
+            if not isinstance(result, Rejection):
+                result = duplicate_image(item, result, first) or result
             if isinstance(result, Rejection):
                 rejections.append({"split": split, **result.to_json()})
             else:
@@ -108,10 +128,12 @@ def _crop_split(stage: Stage, reader, split: str, features, shard_rows: int, num
                     rows[name].append(result[name])
                 if result.get("_info"):
                     notes.append({"split": split, "image_id": result["image_id"], "info": result["_info"]})
+                hashes.append({"image_id": result["image_id"], "sha256": result["_sha256"]})
             bar.update()
         name = shard_name(split, index, num_shards)
         write_atomic(stage.dir / "notes" / f"{Path(name).stem}.jsonl", jsonl(notes), stage.work)
         write_atomic(stage.dir / "rejects" / f"{Path(name).stem}.jsonl", jsonl(rejections), stage.work)
+        write_atomic(_hashes_path(stage, name), jsonl(hashes), stage.work)
         write_parquet_atomic(stage.dir / name, features, stage.work, rows=rows)
         stage.wrote()
 
@@ -120,7 +142,13 @@ def _crop_split(stage: Stage, reader, split: str, features, shard_rows: int, num
     for index, chunk in enumerate(_chunks(items, shard_rows)):
         name = shard_name(split, index, num_shards)
         names.append(name)
-        if (stage.dir / name).is_file():
+        if (stage.dir / name).is_file() and _hashes_path(stage, name).is_file():
+            # Done in an earlier run: its rows' hashes count as seen, after those of the chunks before it.
+            while pending:
+                finish(*pending.popleft())
+            for line in _hashes_path(stage, name).read_text().splitlines():
+                row = json.loads(line)
+                first.setdefault(row["sha256"], row["image_id"])
             bar.update(len(chunk))
             continue
         records = [item for item in chunk if isinstance(item, Record)]
@@ -155,10 +183,11 @@ def run(stage: Stage, reader, config: AffectNetPlusConfig, features, shard_rows:
         _init_worker(config, tuple(features))
     read, shards = {}, []
     try:
-        seen: set[str] = set()
+        seen: set[str] = set()  # image_ids so far
+        first: dict[str, str] = {}  # image file sha256 -> the image_id of the first row with it
         for split in reader.splits():
             read[split], names = _crop_split(stage, reader, split, features, shard_rows, num_proc, pool, seen,
-                                             progress)  # fmt: skip
+                                             first, progress)  # fmt: skip
             shards += names
     finally:
         if pool is not None:

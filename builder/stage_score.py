@@ -10,6 +10,11 @@ precision ``models.labeling.resolve_precision`` picks for the device.
 Fingerprint (``fingerprint``): the crop stage's digest, the manifest's sha256 and fold count, the
 sha256 of every expert's ``model.safetensors``, ``config.json`` and ``preprocessor_config.json``, and
 the device type and precision.
+
+Cross-fitting holds only for the rows the experts were trained on (``docs/method.md`` §3), so the build
+refuses a manifest whose fold plan (K, the fold rule, the digest of the train ids) is not that of its
+own train rows (``check_fold_plan``): first what the manifest alone tells, before anything runs, then
+the train ids, once the crop stage has written them and before any model runs on them.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from builder.stage import Stage, file_sha256, write_parquet_atomic
-from core.schema import folds, select_features
+from builder.stage import Stage, file_sha256, read_columns, write_parquet_atomic
+from core.schema import fold_plan, fold_plan_mismatch, folds, select_features
 
 NAME = "score"
 BATCH_SIZE = 256
@@ -50,6 +55,55 @@ def experts_fingerprint(manifest: Path) -> dict:
         "num_folds": int(data["num_folds"]),
         "files_sha256": files,
     }
+
+
+# What the manifest alone tells: the train ids need the build's rows (models.labeling.check_manifest_plan).
+MANIFEST_PLAN_KEYS = ("num_folds", "rule")
+RETRAIN = (
+    "To train experts on this data: build it without --experts (affectnet-plus build SOURCE --out STAGE), then "
+    "affectnet-plus train-experts --data STAGE --output-dir EXPERTS, and pass EXPERTS/manifest.json."
+)
+
+
+def check_fold_plan(manifest: Path, train_ids: list[str] | None = None) -> None:
+    """Raises ``ValueError`` unless the manifest's experts were trained under this build's fold plan.
+
+    Without ``train_ids`` only what the manifest alone tells is checked: that it records a plan, with its
+    own K and the fold rule of ``core.schema``. With them (the image_ids of the build's written train rows),
+    also that the experts were trained on exactly those rows (``models.labeling.check_manifest_plan``).
+    """
+    data = json.loads(manifest.read_text())
+    recorded = data.get("fold_plan")
+    if not isinstance(recorded, dict):
+        raise ValueError(
+            f"{manifest} records no fold plan (the K, fold rule and train rows its experts were trained under; "
+            "train-experts writes it), so this build cannot make sure that no train row is scored by an expert "
+            f"that trained on it (docs/method.md §3). {RETRAIN}"
+        )
+    if train_ids is None:
+        expected = fold_plan([], int(data["num_folds"]))
+        differing = fold_plan_mismatch(recorded, {k: expected[k] for k in MANIFEST_PLAN_KEYS})
+        if differing:
+            details = "; ".join(f"{k} is {recorded.get(k)!r} in its fold plan, {expected[k]!r} for this build"
+                                for k in differing)  # fmt: skip
+            raise ValueError(
+                f"the experts of {manifest} were trained under another fold plan than this build uses ({details}): "
+                f"a train row could be scored by an expert that trained on it (docs/method.md §3). {RETRAIN}"
+            )
+        return
+    from models.labeling import check_manifest_plan
+
+    try:
+        check_manifest_plan(data, train_ids)
+    except ValueError as err:
+        raise ValueError(f"{manifest}, on this build's {len(train_ids)} train rows: {err}. {RETRAIN}") from None
+
+
+def train_ids(dirs: list[Path], shards: list[str]) -> list[str]:
+    """The image_ids of the written train rows: of the train shards, each read from the first of ``dirs``
+    (the crop stage's folder, then the score stage's: the export consumes crop shards) that has it."""
+    return [i for name in shards if name.startswith("train-")
+            for i in read_columns(name, dirs, ["image_id"])["image_id"].to_pylist()]  # fmt: skip
 
 
 def fingerprint(crop_digest: str, manifest: Path) -> dict:

@@ -80,7 +80,8 @@ def make_affectnet(tmp_path):
                     if target.exists():
                         continue
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    face_image(300, 280, seed=i).save(target, "JPEG", quality=90)
+                    # another picture in every split: the same bytes under two ids are a duplicate_image
+                    face_image(300, 280, seed=1000 * list(parts).index(split) + i).save(target, "JPEG", quality=90)
         return root
 
     return make

@@ -91,7 +91,10 @@ def write_release(root: Path, counts: dict[str, int], seed: int = 0, race: tuple
         (part / "annotations").mkdir(parents=True, exist_ok=True)
         for i in range(n):
             data = annotation(rng, i, split, race)
-            face_image(224, 224, seed=seed * 1000 + i).save(part / "images" / f"{i}.jpg", quality=90)
+            # another picture in every split: the same bytes under two ids are a duplicate_image
+            face_image(224, 224, seed=seed * 1000 + 300 * list(PARTS).index(split) + i).save(
+                part / "images" / f"{i}.jpg", quality=90
+            )
             (part / "annotations" / f"{i}.json").write_text(json.dumps(data), encoding="utf-8")
             rows[f"{PARTS[split]}/images/{i}"] = {"annotation": data, "split": split}
     return rows

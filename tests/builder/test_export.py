@@ -21,6 +21,7 @@ from builder.export import AUModelConfig, BuildOptions, build
 from builder.softlabel import FusionConfig
 from builder.sources import AffectNetPlusReader, AffectNetReader
 from core.schema import SUBSETS, config_files, config_pattern
+from tests.builder.test_fold_plan import planned_manifest
 from tests.conftest import affectnet_row, face_image, write_release_annotation
 
 QUIET = BuildOptions(progress=False)
@@ -94,8 +95,11 @@ def test_every_row_is_written_or_rejected_with_its_reason(make_affectnet, tmp_pa
     rows.append(affectnet_row("0/nan.jpg", valence=float("nan")))
     rows.append(affectnet_row("0/label.jpg", label=12))
     rows.append(affectnet_row("../outside.jpg"))
+    rows.append(affectnet_row("0/copy.jpg"))
     root = make_affectnet({"train": rows, "validation": [affectnet_row("1/v.jpg", valence=-2, arousal=-2)]})
     images = root / "Manually_Annotated_Images/0"
+    face_image(300, 280, seed=99).save(root / "Manually_Annotated_Images/1/v.jpg", quality=90)
+    (images / "copy.jpg").write_bytes((images / "ok.jpg").read_bytes())  # ok.jpg's bytes under another id
     face_image(300, 280).convert("L").save(images / "gray.jpg")
     face_image(300, 280).convert("CMYK").save(images / "cmyk.jpg")
     face_image(300, 280).save(images / "png.jpg", format="PNG")
@@ -111,10 +115,11 @@ def test_every_row_is_written_or_rejected_with_its_reason(make_affectnet, tmp_pa
 
     out = tmp_path / "out"
     report = build(root, out, AffectNetPlusConfig(), TOLERANT)
-    assert report["read"] == 15
+    assert report["read"] == 16
     assert report["written"] == 6  # ok, gray, cmyk, png, exif + the validation row
     assert report["rejected"] == {
         "decompression_bomb": 1,
+        "duplicate_image": 1,
         "duplicate_image_id": 1,
         "empty_file": 1,
         "label_out_of_range": 1,
@@ -126,8 +131,10 @@ def test_every_row_is_written_or_rejected_with_its_reason(make_affectnet, tmp_pa
     }
     assert report["read"] == report["written"] + sum(report["rejected"].values())
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert len(rejects) == 9
-    assert {r["row"] for r in rejects} == {7, 8, 9, 10, 11, 12, 13, 14, 15}
+    assert len(rejects) == 10
+    assert {r["row"] for r in rejects} == {7, 8, 9, 10, 11, 12, 13, 14, 15, 16}
+    (copy,) = (r for r in rejects if r["reason"] == "duplicate_image")
+    assert copy["image_id"] == "Manually_Annotated_Images/0/copy" and copy["detail"] == "Manually_Annotated_Images/0/ok"
     assert all(r["source"] == "Manually_Annotated_file_lists/training.csv" for r in rejects)
     assert json.loads((out / "build_report.json").read_text())["rejected"] == report["rejected"]
 
@@ -139,10 +146,10 @@ def test_every_row_is_written_or_rejected_with_its_reason(make_affectnet, tmp_pa
 
 def _release(root: Path, n: int) -> Path:
     rng = np.random.default_rng(0)
-    for part in ("human_annotated/train_set", "human_annotated/validation_set"):
+    for k, part in enumerate(("human_annotated/train_set", "human_annotated/validation_set")):
         (root / part / "images").mkdir(parents=True)
-        for i in range(n):
-            face_image(224, 224, seed=i).save(root / part / "images" / f"{i:03d}.jpg", quality=90)
+        for i in range(n):  # other pictures in each part: the same bytes twice would be a duplicate_image
+            face_image(224, 224, seed=100 * k + i).save(root / part / "images" / f"{i:03d}.jpg", quality=90)
             soft = rng.dirichlet(np.ones(8))
             write_release_annotation(root / part / "annotations" / f"{i:03d}.json", label=i % 8, soft=soft.tolist(),
                                      subset=i % 3, pose={"yaw": 0.1, "pitch": -0.05, "roll": 0.02})  # fmt: skip
@@ -295,6 +302,8 @@ def test_degenerate_landmarks_get_null_au_scores_a_note_and_a_count(make_affectn
     rows[3][5] = ";".join(["120.00"] * 136)  # all 68 points equal: no camera can be fitted
     rows[7][5] = ";".join(f"{60 + i:.2f};{50 + 2 * i:.2f}" for i in range(68))  # all on one line
     root = make_affectnet({"train": rows, "validation": [affectnet_row("1/v.jpg", seed=20)]})
+    face_image(300, 280, seed=20).save(root / "Manually_Annotated_Images/1/v.jpg", quality=90)  # not a train image
+    experts = planned_manifest(experts, tmp_path / "experts", root)  # as if trained on this source
     out = tmp_path / "out"
     report = build(root, out, AffectNetPlusConfig(), QUIET, experts=str(experts), fusion=FusionConfig(fit=True),
                    au_model=AUModelConfig(shape_components=1, calibrate_au=True))  # fmt: skip
@@ -315,13 +324,14 @@ def test_degenerate_landmarks_get_null_au_scores_a_note_and_a_count(make_affectn
 
 def test_imagefolder_build_with_experts_falls_back_to_experts_only(experts, tmp_path):
     root = tmp_path / "fer"
-    for split in ("train", "validation"):
-        for emotion in ("happy", "sad"):
-            (root / split / emotion).mkdir(parents=True)
-            for i in range(3):
-                face_image(64, 64, seed=i).save(root / split / emotion / f"{i}.jpg")
+    for k, (split, emotion) in enumerate((s, e) for s in ("train", "validation") for e in ("happy", "sad")):
+        (root / split / emotion).mkdir(parents=True)
+        for i in range(3):  # 12 pictures: the same bytes twice would be a duplicate_image
+            face_image(64, 64, seed=10 * k + i).save(root / split / emotion / f"{i}.jpg")
+    config = AffectNetPlusConfig(source_format="imagefolder")
+    experts = planned_manifest(experts, tmp_path / "experts", root, config)  # as if trained on this folder
     out = tmp_path / "fer_plus"
-    report = build(root, out, AffectNetPlusConfig(source_format="imagefolder"), QUIET, experts=str(experts))
+    report = build(root, out, config, QUIET, experts=str(experts))
     assert report["soft_labels_without_landmarks"] == {"train": 6, "validation": 6}
     rows = load_dataset(str(out), split="train")
     assert all(a is None for a in rows["au_scores"])
@@ -371,6 +381,7 @@ def test_soft_labels_denoise_the_annotators_on_the_sample(experts, tmp_path):
 
     raw = tmp_path / "raw"
     write_sample(raw, SampleConfig(n=600, seed=5, min_image_size=128, max_image_size=224))
+    experts = planned_manifest(experts, tmp_path / "experts", raw)  # as if trained on these faces
     out = tmp_path / "affectnet_plus"
     report = build(raw, out, AffectNetPlusConfig(), BuildOptions(progress=False, num_proc=2), experts=str(experts),
                    fusion=FusionConfig(fit=True), au_model=AUModelConfig(calibrate_au=True))  # fmt: skip
@@ -391,6 +402,7 @@ def test_soft_labels_denoise_the_annotators_on_the_sample(experts, tmp_path):
 def test_release_soft_labels_are_replaced_only_when_asked(experts, tmp_path):
     root = _release(tmp_path / "release", 4)
     config = AffectNetPlusConfig(source_format="affectnet-plus")
+    experts = planned_manifest(experts, tmp_path / "experts", root, config)  # as if trained on a build of it
     with pytest.raises(ValueError, match="--recompute"):
         build(root, tmp_path / "kept", config, QUIET, experts=str(experts))
     out = tmp_path / "recomputed"

@@ -11,6 +11,7 @@ from builder.report import release_agreement, write_report
 from builder.softlabel import SubsetConfig
 from core.schema import AffectNetPlusConfig
 from tests.builder.release_fixture import write_release
+from tests.builder.test_fold_plan import planned_manifest
 
 RELEASE = AffectNetPlusConfig(source_format="affectnet-plus")
 QUIET = BuildOptions(progress=False)
@@ -61,6 +62,7 @@ def test_recomputed_subsets_reproduce_the_release_and_keep_its_own(tmp_path):
 @pytest.mark.slow
 def test_recomputed_soft_labels_keep_the_release_ones(experts, tmp_path):
     release = write_release(tmp_path / "release", {"train": 40, "validation": 12})
+    experts = planned_manifest(experts, tmp_path / "experts", tmp_path / "release", RELEASE)  # trained on a build of it
     with pytest.raises(ValueError, match="--recompute soft-labels"):
         build(tmp_path / "release", tmp_path / "refused", RELEASE, QUIET, experts=str(experts))
     with pytest.raises(ValueError, match="pass --experts too"):

@@ -18,6 +18,7 @@ from builder.sample import SampleConfig, write_sample
 from builder.softlabel import subsets
 from core.schema import RELEASE_ETHNICITY_CLASSES, SPLITS, AffectNetPlusConfig, config_files
 from tests.builder.release_fixture import DAMAGES, PARTS, RACE, damage, rank_subset, write_release
+from tests.builder.test_fold_plan import planned_manifest
 
 QUIET = BuildOptions(progress=False)
 RELEASE = AffectNetPlusConfig(source_format="affectnet-plus")
@@ -268,6 +269,7 @@ def test_export_refuses_what_it_cannot_write(small_affectnet, tmp_path):
 def test_export_of_a_raw_affectnet_build_with_experts_reads_back_to_the_same_rows(experts, tmp_path):
     write_sample(tmp_path / "raw", SampleConfig(n=30, seed=5, non_emotion_fraction=0.15, min_image_size=128,
                                                 max_image_size=224))  # fmt: skip
+    experts = planned_manifest(experts, tmp_path / "experts", tmp_path / "raw")  # as if trained on these faces
     build(tmp_path / "raw", tmp_path / "out", AffectNetPlusConfig(), QUIET, experts=str(experts))
     first = _rows(tmp_path / "out")
     assert any(row["subset"] == -1 for row in first.values())  # labels 8-10: no subset, null in the JSON

@@ -306,3 +306,83 @@ def test_rejection_details_name_paths_relative_to_the_source(make_affectnet, tmp
         "a.jpg and /data/src2/b.jpg and ."  # a sibling folder's name is not cut
     )
     assert source_relative("nothing to do", "/data/src") == "nothing to do"
+
+
+def _duplicates(make_affectnet):
+    """A raw AffectNet folder with rows whose image files repeat another row's bytes, in the same split and
+    in later ones, and a near-identical picture (the same pixels encoded again: other bytes).
+
+    Returns the root and, for each duplicate's image_id, the image_id of the row it repeats.
+    """
+    from PIL import Image
+
+    names = {"train": ["0/z", "0/a", "0/b", "0/near", "0/c"], "validation": ["1/v", "1/w"], "unlabeled": ["2/u", "2/x"]}
+    root = make_affectnet({split: [affectnet_row(f"{n}.jpg", label=i % 8, seed=i) for i, n in enumerate(rows)]
+                           for split, rows in names.items()})  # fmt: skip
+
+    def image_id(name: str) -> str:
+        return ("Automatically" if name.startswith("2/") else "Manually") + f"_Annotated_Images/{name}"
+
+    def path(name: str):
+        return root / f"{image_id(name)}.jpg"
+
+    for seed, name in enumerate(["0/z", "0/b", "0/c", "1/w", "2/x"], start=100):
+        face_image(300, 280, seed=seed).save(path(name), quality=90)
+    for copy, original in (("0/a", "0/z"), ("1/v", "0/b"), ("2/u", "0/z")):
+        path(copy).write_bytes(path(original).read_bytes())
+    with Image.open(path("0/z")) as image:
+        image.save(path("0/near"), quality=90)
+    assert path("0/near").read_bytes() != path("0/z").read_bytes()
+    return root, {image_id("0/a"): image_id("0/z"), image_id("1/v"): image_id("0/b"), image_id("2/u"): image_id("0/z")}
+
+
+def test_make_example_hashes_the_source_file_and_duplicate_image_keeps_the_first(make_affectnet):
+    import hashlib
+
+    from builder.sources import duplicate_image, make_example
+
+    root, repeats = _duplicates(make_affectnet)
+    config = AffectNetPlusConfig()
+    reader = open_source(root, config)
+    records, _ = _items(reader, "train")
+    examples = [make_example(r, config, reader.columns) for r in records]
+    for record, example in zip(records, examples):  # the source file's bytes, not the crop's
+        assert example["_sha256"] == hashlib.sha256(record.image_path.read_bytes()).hexdigest()
+    first: dict[str, str] = {}
+    rejected = [duplicate_image(r, e, first) for r, e in zip(records, examples)]
+    (dup,) = [r for r in rejected if r is not None]
+    assert (dup.reason, dup.image_id, dup.detail) == ("duplicate_image", "Manually_Annotated_Images/0/a",
+                                                      repeats["Manually_Annotated_Images/0/a"])  # fmt: skip
+    assert dup.row == 3 and dup.origin == "Manually_Annotated_file_lists/training.csv"
+    assert sorted(first.values()) == sorted(r.image_id for r in records if r.image_id != dup.image_id)
+
+
+def test_a_build_keeps_the_first_row_of_each_image_and_rejects_its_copies(make_affectnet, tmp_path):
+    """In source order across splits, whatever the number of worker processes; a near-identical picture is kept."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from builder.export import BuildOptions, build
+
+    root, repeats = _duplicates(make_affectnet)
+    built = {}
+    for num_proc in (1, 2):
+        out = tmp_path / f"proc{num_proc}" / "affectnet_plus"
+        options = BuildOptions(shard_rows=2, num_proc=num_proc, progress=False, max_rejected_fraction=1.0)
+        report = build(root, out, AffectNetPlusConfig(), options)
+        built[num_proc] = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                           for p in sorted(out.rglob("*")) if p.is_file()}  # fmt: skip
+    assert built[1] == built[2]
+
+    assert report["read"] == 9 and report["written"] == 6 and report["rejected"] == {"duplicate_image": 3}
+    assert {s: c["rejected"] for s, c in report["splits"].items()} == {
+        split: {"duplicate_image": 1} for split in ("train", "validation", "unlabeled")
+    }
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert {r["image_id"]: r["detail"] for r in rejects} == repeats  # the kept row, by its image_id
+    assert [r["split"] for r in rejects] == ["train", "validation", "unlabeled"]
+    assert all(r["reason"] == "duplicate_image" and str(tmp_path) not in json.dumps(r) for r in rejects)
+    written = [i for p in (out / "labels").rglob("*.parquet") for i in pq.read_table(p)["image_id"].to_pylist()]
+    kept = [f"Manually_Annotated_Images/{n}" for n in ("0/z", "0/b", "0/near", "0/c", "1/w")]
+    assert sorted(written) == sorted([*kept, "Automatically_Annotated_Images/2/x"])

@@ -20,6 +20,7 @@ from affectnet_plus import AffectNetPlusConfig
 from builder.export import AUModelConfig, BuildOptions, FusionConfig, build
 from builder.stage import DONE_FILE, FINGERPRINT_FILE, KILL_ENV, Stage, write_atomic
 from core.schema import PARTITIONS
+from tests.builder.test_fold_plan import planned_manifest
 
 ROOT = Path(__file__).parents[2]
 STAGES = ("crop", "metadata", "score", "fit", "fuse", "export")
@@ -83,6 +84,7 @@ def test_a_full_build_killed_inside_every_stage_resumes_to_identical_bytes(small
     each stage in turn, each run resuming the previous one, and the last run's folder is byte for byte
     the uninterrupted build's."""
     monkeypatch.chdir(ROOT)  # build_config.json names the experts relative to the working directory
+    experts = planned_manifest(experts, tmp_path / "experts", small_sample)  # as if trained on this sample
     reference = tmp_path / "reference" / "affectnet_plus"
     build(small_sample, reference, AffectNetPlusConfig(), BuildOptions(shard_rows=20, progress=False),
           experts=str(experts), fusion=FusionConfig(fit=True), metadata=True,
@@ -114,6 +116,43 @@ def test_a_full_build_killed_inside_every_stage_resumes_to_identical_bytes(small
     assert not work.exists() and not any(p.name.startswith(".tmp-") for p in out.rglob("*"))
 
 
+@pytest.mark.slow
+def test_a_crop_killed_after_a_shard_still_rejects_the_copies_of_its_images(small_sample, tmp_path):
+    """A copy of the first train image under other ids, at the end of the train and validation rows: a crop
+    stage killed after the first shard, and again later, reads back the image hashes of the shards it
+    skips, and rejects both copies as an uninterrupted build does, in parallel or not."""
+    raw = tmp_path / "raw"
+    shutil.copytree(small_sample, raw)
+    lists, images = raw / "Manually_Annotated_file_lists", raw / "Manually_Annotated_Images"
+    path, annotations = (lists / "training.csv").read_text().splitlines()[1].split(",", 1)
+    (images / "copies").mkdir()
+    for name, csv_file in (("train_copy", "training.csv"), ("validation_copy", "validation.csv")):
+        shutil.copyfile(images / path, images / "copies" / f"{name}.jpg")
+        with open(lists / csv_file, "a") as f:
+            f.write(f"copies/{name}.jpg,{annotations}\n")
+    options = ["--no-metadata", "--shard-rows", "4", "--max-rejected-fraction", "1"]
+    reference = tmp_path / "reference" / "affectnet_plus"
+    build(raw, reference, AffectNetPlusConfig(), BuildOptions(shard_rows=4, progress=False, max_rejected_fraction=1))
+    rejects = [json.loads(line) for line in (reference / "rejects.jsonl").read_text().splitlines()]
+    first = "Manually_Annotated_Images/" + Path(path).with_suffix("").as_posix()
+    assert [(r["split"], r["image_id"], r["reason"], r["detail"]) for r in rejects] == [
+        ("train", "Manually_Annotated_Images/copies/train_copy", "duplicate_image", first),
+        ("validation", "Manually_Annotated_Images/copies/validation_copy", "duplicate_image", first),
+    ]
+
+    out = tmp_path / "resumed" / "affectnet_plus"
+    crop = out / ".build" / "crop"
+    for kill, num_proc in (("crop:1", "2"), ("crop:3", "1")):
+        run = _cli_build(raw, out, *options, "--num-proc", num_proc, kill=kill)
+        assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+        shards = sorted(p.stem for p in crop.glob("*.parquet"))
+        assert shards and sorted(p.stem for p in (crop / "hashes").glob("*.jsonl")) == shards
+    assert "train-00000-of-00008" in shards and "train-00007-of-00008" not in shards  # the copy is still to crop
+    run = _cli_build(raw, out, *options, "--num-proc", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _files(out) == _files(reference)
+
+
 def _perturb(weights: Path) -> None:
     """Changes one expert's classifier head: the same files, other scores."""
     from safetensors.torch import load_file, save_file
@@ -130,7 +169,7 @@ def test_a_changed_input_after_a_kill_redoes_that_stage_and_the_ones_after_it(sm
     monkeypatch.chdir(ROOT)
     mine = tmp_path / "experts"
     shutil.copytree(experts.parent, mine, ignore=shutil.ignore_patterns("checkpoints"))
-    manifest = mine / "manifest.json"
+    manifest = planned_manifest(mine / "manifest.json", mine, small_sample)  # as if trained on this sample
     ran = []  # (stage, started afresh) of every stage that did work, in order
     start = Stage.start
 
