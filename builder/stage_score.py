@@ -153,7 +153,7 @@ def run(stage: Stage, crop_dir: Path, shards: list[str], manifest: Path, num_wor
         row_folds = folds(ids, ensemble.num_folds) if name.startswith("train-") else None
         loader = make_loader(_Crops(table["image"].to_pylist(), ensemble.image_size), BATCH_SIZE,
                              num_workers=num_workers if len(ids) > BATCH_SIZE else 0)  # fmt: skip
-        scores = score_loader(ensemble, transform, loader, row_folds, device(), on_batch=bar.update)
+        scores = score_loader(ensemble, transform, loader, row_folds, device(), on_batch=bar.update, image_ids=ids)
         probs = pa.array([row.tolist() for row in scores.astype(np.float32)], type=pa.list_(pa.float32(), 8))
         write_parquet_atomic(
             stage.dir / name, features, stage.work, table=pa.table({"image_id": ids, "expert_probs": probs})

@@ -18,10 +18,10 @@ EXPERT_TEMPLATE = """---
 # AffectNet+ expert: {{ emotion }} (fold {{ fold }} of {{ num_folds }})
 
 A one-vs-rest facial-expression expert: `P({{ emotion }} present | face)`. It is one of the
-8 emotions x {{ num_folds }} folds ViT experts whose cross-fitted predictions become the soft labels of
+8 emotions x {{ num_folds }} folds experts whose cross-fitted predictions become the soft labels of
 AffectNet+ (Fard et al., arXiv:2410.22506; this is an independent reimplementation). It was trained
 on the train rows of `{{ dataset }}` whose fold is not {{ fold }} (fold = sha1(image_id) mod {{ num_folds }}),
-in balanced epochs: every `{{ emotion }}` row and as many rows drawn evenly from the other 7 emotions.
+{{ training_summary }}
 
 ```python
 from transformers import pipeline
@@ -43,6 +43,14 @@ ECE is the expected calibration error of `P({{ emotion }})` (15 equal-width bins
 ## Training
 
 {{ training_table }}
+
+## Cross-fitting
+
+This expert never saw a row of fold {{ fold }}; a build scores the train rows of fold {{ fold }} with it and
+every other row with the mean over the {{ num_folds }} folds' experts. The fold plan it was trained under
+(`core.schema.fold_plan`), checked wherever the experts are used:
+
+{{ plan_table }}
 
 ## License
 
@@ -96,8 +104,10 @@ def dataset_license(data) -> tuple[dict, str]:
 
 
 def expert_card(config, results: dict) -> ModelCard:
-    """The model card of one expert from its ``ExpertConfig`` and its training results."""
+    """The model card of one expert from its ``ExpertConfig`` and its training results: held-out and validation
+    metrics, the backbone (name, digest, origin), the training mode, the fold plan and the data's licence."""
     dataset = Path(config.data).name
+    frozen = results.get("training_mode") == "frozen"
     evals = []
     for split in ("validation", "heldout"):
         for metric, name in (("auroc", "AUROC"), ("balanced_accuracy", "balanced accuracy"), ("ece", "ECE")):
@@ -123,6 +133,7 @@ def expert_card(config, results: dict) -> ModelCard:
             "image-classification",
             "vision-transformer",
             "facial-expression-recognition",
+            *(["frozen-backbone"] if frozen else []),
             "affectnet-plus",
             f"emotion-{config.emotion}",
         ],  # fmt: skip
@@ -138,6 +149,56 @@ def expert_card(config, results: dict) -> ModelCard:
     ]
     training = config.train
     image_size = results.get("image_size", config.image_size)
+    backbone = results.get("backbone") or {}
+    plan = results.get("fold_plan") or {}
+    if frozen:
+        head = results.get("head") or {}
+        summary = (
+            f"with its backbone frozen: a class-balanced logistic head (L2 {head.get('l2', '?'):g}, chosen by "
+            "cross-validation on these training rows) fitted on the backbone's features, as if in balanced epochs: "
+            f"every `{config.emotion}` row and as many rows evenly from the other 7 emotions."
+            if isinstance(head.get("l2"), float)
+            else "with its backbone frozen: a class-balanced logistic head fitted on the backbone's features."
+        )
+        steps = [
+            ("training mode", "frozen: the pretrained backbone unchanged, a linear head fitted on its features"),
+            ("head", "L2-regularised logistic regression on standardised features, LBFGS, class-balanced as the "
+                     "fine-tuning epochs are; folded into the classifier"),
+            ("L2 strength", f"{head.get('l2')}, shared by the heads of this fold (the best mean AUROC of an inner "
+                            f"{head.get('inner_folds', 3)}-fold cross-validation over {len(head.get('l2_grid') or [])} "
+                            "values)"),
+        ]  # fmt: skip
+    else:
+        summary = f"in balanced epochs: every `{config.emotion}` row and as many rows drawn evenly from the other 7 emotions."
+        steps = [
+            ("training mode", "fine-tuned: the whole network"),
+            ("epochs / steps", f"{results.get('epoch')} / {results.get('step')}"),
+            (
+                "batch size per device x accumulation x processes",
+                f"{training.per_device_batch_size} x {training.gradient_accumulation_steps} x {results.get('num_processes')}",
+            ),
+            (
+                "optimizer",
+                f"AdamW, lr {training.learning_rate:g}, weight decay {training.weight_decay:g}, cosine, warmup {training.warmup_ratio:g}",
+            ),
+            ("loss", "class-balanced cross-entropy over the two labels"),
+            ("augmentation", "random resized crop, horizontal flip, rotation, colour jitter (on device)"),
+        ]
+    families = {"vit": "ViT (`ViTForImageClassification`)", "dinov2": "DINOv2 (`Dinov2ForImageClassification`)"}
+    architecture = families.get(backbone.get("family"), "ViT")
+    backbone_rows = [
+        ("backbone", f"`{backbone.get('name')}`: {backbone.get('source')}" if backbone else
+         (f"`{config.init_from}`" if config.init_from else f"ViT preset `{config.preset}`, random init")),
+        ("backbone digest", f"`{backbone.get('digest')}`" if backbone.get("digest") else "not recorded"),
+    ]  # fmt: skip
+    plan_rows = [
+        ("folds K", plan.get("num_folds", config.num_folds)),
+        ("fold rule", plan.get("rule", "not recorded")),
+        ("data", f"`{plan.get('data', dataset)}`"),
+        ("train ids sha256", f"`{plan['train_ids_sha256']}`" if plan.get("train_ids_sha256") else "not recorded"),
+        ("train labels sha256", f"`{plan['train_labels_sha256']}`" if plan.get("train_labels_sha256") else "not recorded"),
+        ("this expert's training rows (ids sha256)", f"`{(results.get('train_rows') or {}).get('ids_sha256')}`"),
+    ]
     return ModelCard.from_template(
         data,
         template_str=EXPERT_TEMPLATE,
@@ -149,27 +210,16 @@ def expert_card(config, results: dict) -> ModelCard:
         mean=results.get("image_mean"),
         std=results.get("image_std"),
         results_table=_table(metric_rows, ("metric", "value")),
+        training_summary=summary,
         training_table=_table(
             [
-                (
-                    "architecture",
-                    f"ViT, preset `{config.preset}`"
-                    + (f", from `{config.init_from}`" if config.init_from else ", random init"),
-                ),
-                ("epochs / steps", f"{results.get('epoch')} / {results.get('step')}"),
-                (
-                    "batch size per device x accumulation x processes",
-                    f"{training.per_device_batch_size} x {training.gradient_accumulation_steps} x {results.get('num_processes')}",
-                ),
-                (
-                    "optimizer",
-                    f"AdamW, lr {training.learning_rate:g}, weight decay {training.weight_decay:g}, cosine, warmup {training.warmup_ratio:g}",
-                ),
-                ("loss", "class-balanced cross-entropy over the two labels"),
-                ("augmentation", "random resized crop, horizontal flip, rotation, colour jitter (on device)"),
+                ("architecture", f"{architecture}, " + (f"preset `{config.preset}`" if not config.init_from else "pretrained")),
+                *backbone_rows,
+                *steps,
                 ("seed", training.seed),
             ],
             ("setting", "value"),
         ),
+        plan_table=_table(plan_rows, ("", "")),
         license_text=license_text,
     )

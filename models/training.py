@@ -45,7 +45,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from core.files import write_json_atomic
 from models.transforms import AugmentConfig, BatchTransform
-from models.vit import PRESETS, make_processor, processor_stats
+from models.vit import PRESETS, input_size, make_processor, processor_stats
 
 RESULTS_FILE = "all_results.json"  # written last: its presence means the model folder is complete
 CONFIG_FILE = "training_config.json"
@@ -125,8 +125,9 @@ class ModelConfig:
         train: the optimisation settings (``TrainConfig``).
         preset: the ViT architecture when ``init_from`` is not given: ``tiny`` (3 layers at 64 px, random
             init; for tests and CPUs) or ``base`` (ViT-B/16 at 224 px).
-        init_from: a pretrained ViT to start from: a local folder or a Hub id (safetensors only).
-        image_size: input side in pixels (default: the preset's or the checkpoint's).
+        init_from: a pretrained ViT or DINOv2 to start from (a classifier or a bare ``ViTModel`` / ``Dinov2Model``
+            backbone): a local folder or a Hub id (safetensors only).
+        image_size: input side in pixels (default: the preset's or the checkpoint's; a DINOv2's processor size).
         push_to_hub: a Hub repository to push the finished checkpoint to (main process only).
         augment: the on-device augmentation of training batches (``AugmentConfig``).
     """
@@ -186,7 +187,7 @@ class Task:
         self.config = config
 
     def make_model(self):
-        """The ``ViTForImageClassification`` to train (``models.vit.make_vit`` with the task's head)."""
+        """The image classifier to train (``models.vit.make_vit`` with the task's head)."""
         raise NotImplementedError
 
     def training_set(self, splits) -> TrainingSet:
@@ -227,7 +228,7 @@ def train(task: Task) -> dict:
     accelerator = make_accelerator(options)
     set_seed(options.seed)
     model = task.make_model()
-    image_size = model.config.image_size
+    image_size = input_size(model, config.init_from, config.image_size)
     mean, std = processor_stats(config.init_from)
     with accelerator.main_process_first():  # one process builds the datasets cache, the others reuse it
         splits = load_splits(config.data, columns=task.columns)
@@ -635,24 +636,33 @@ def save_model(accelerator: Accelerator, model, task: Task, results: dict) -> No
     extras, and last ``all_results.json``, atomically: a folder with ``all_results.json`` is complete. A
     previous run's ``all_results.json`` is removed first, so a crash while saving leaves no marker.
     """
-    config = task.config
-    out = Path(config.train.output_dir)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RESULTS_FILE).unlink(missing_ok=True)
-        model.save_pretrained(out, is_main_process=True, save_function=accelerator.save)  # safetensors (always, in 5.x)
-        make_processor(results["image_size"], results["image_mean"], results["image_std"]).save_pretrained(out)
-        write_json_atomic(out / CONFIG_FILE, resolved_config(config))
-        task.card(results).save(out / "README.md")
-        task.write_extras(out)
-        write_json_atomic(out / RESULTS_FILE, results)
-        if config.push_to_hub:
-            from core.hub import push_model
-
-            push_model(out, config.push_to_hub)
+        write_model_folder(model, task, results, save_function=accelerator.save)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.free_memory()
+
+
+def write_model_folder(model, task: Task, results: dict, save_function=torch.save) -> Path:
+    """Writes ``task.config.train.output_dir`` as ``save_model`` describes (one process); returns it.
+
+    Also the path of models trained without the loop (experts on a frozen backbone, ``models.expert``).
+    """
+    config = task.config
+    out = Path(config.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_FILE).unlink(missing_ok=True)
+    model.save_pretrained(out, is_main_process=True, save_function=save_function)  # safetensors (always, in 5.x)
+    make_processor(results["image_size"], results["image_mean"], results["image_std"]).save_pretrained(out)
+    write_json_atomic(out / CONFIG_FILE, resolved_config(config))
+    task.card(results).save(out / "README.md")
+    task.write_extras(out)
+    write_json_atomic(out / RESULTS_FILE, results)
+    if config.push_to_hub:
+        from core.hub import push_model
+
+        push_model(out, config.push_to_hub)
+    return out
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:

@@ -229,12 +229,19 @@ def _train_experts(args) -> int:
         image_size=args.image_size,
         emotions=tuple(args.emotions),
         augment=from_args(AugmentConfig, args),
+        freeze_backbone=args.freeze_backbone,
+        feature_cache=args.feature_cache,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
     )
-    for entry in manifest["experts"]:
-        auroc = entry["metrics"].get("heldout_auroc")
-        print(
-            f"  {entry['emotion']:>9} fold {entry['fold']}: held-out AUROC {auroc if auroc is None else round(auroc, 3)}"
-        )
+    aurocs = [e["metrics"].get("heldout_auroc") for e in manifest["experts"]]
+    aurocs = [a for a in aurocs if isinstance(a, float) and a == a]
+    for emotion in dict.fromkeys(e["emotion"] for e in manifest["experts"]):
+        row = [e["metrics"].get("heldout_auroc") for e in manifest["experts"] if e["emotion"] == emotion]
+        print(f"  {emotion:>9}: held-out AUROC " + " ".join("-" if a is None else f"{a:.3f}" for a in row))
+    if aurocs:
+        print(f"  mean held-out AUROC {sum(aurocs) / len(aurocs):.3f} over {len(aurocs)} experts "
+              f"({manifest.get('training_mode')})")  # fmt: skip
     print(f"manifest: {Path(args.output_dir) / 'manifest.json'}")
     return 0
 
@@ -321,18 +328,27 @@ def make_parser() -> argparse.ArgumentParser:
 
     experts = commands.add_parser(
         "train-experts",
-        help="train all 8 emotions x K folds one-vs-rest ViT experts and write experts/manifest.json",
-        description="Train the cross-fitted expert ensemble: for each emotion and fold, a two-label ViT "
-        "trained on balanced one-vs-rest epochs of the train rows outside that fold (as `scripts/train.py "
-        "expert`, with the same options). Experts already finished in --output-dir are kept. For several GPUs, "
-        "run it under `accelerate launch`.",
+        help="train all 8 emotions x K folds one-vs-rest ViT/DINOv2 experts and write experts/manifest.json",
+        description="Train the cross-fitted expert ensemble: for each emotion and fold, a two-label ViT or "
+        "DINOv2 classifier trained on the train rows outside that fold: fine-tuned on balanced one-vs-rest "
+        "epochs (as `scripts/train.py expert`, with the same options), or, with --freeze-backbone, a "
+        "class-balanced logistic head on the pretrained backbone's features, computed once per image and "
+        "cached. Experts already finished in --output-dir are kept if they were trained under the same fold "
+        "plan, train labels, backbone and mode; otherwise the command stops and says what differs (--overwrite "
+        "trains them again). For several GPUs, run it under `accelerate launch`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_argument(experts)
     add_arguments(experts, ExpertConfig, exclude=("emotion", "fold", "push_to_hub"),
-                  helps={"output_dir": "folder of the experts (<emotion>-f<fold>/) and manifest.json"})  # fmt: skip
+                  helps={"output_dir": "folder of the experts (<emotion>-f<fold>/) and manifest.json",
+                         "feature_cache": "folder of the frozen backbone's feature cache (default: "
+                         "OUTPUT_DIR/features)"})  # fmt: skip
     experts.add_argument("--emotions", nargs="+", choices=EMOTIONS, default=list(EMOTIONS),
                          help="train only these emotions")  # fmt: skip
+    experts.add_argument("--overwrite", action="store_true",
+                         help="train again the experts of --output-dir trained under another fold plan, train "
+                         "labels, backbone or mode (default: stop with an error naming what differs)")  # fmt: skip
+    experts.add_argument("--quiet", action="store_true", help="no progress bars")
     experts.set_defaults(func=_train_experts)
 
     truth = commands.add_parser(

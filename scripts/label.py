@@ -4,7 +4,8 @@
 
 Each process scores its own shards (bf16 on GPUs); re-running after a crash scores only the missing
 shards. A train row is scored by the experts that never saw its fold; validation and unlabeled rows by
-the mean over the folds.
+the mean over the folds. A manifest whose fold plan is not that of DATA's train rows is refused. Experts
+sharing a frozen backbone run it once per image (and not at all for images in their feature cache).
 """
 
 from __future__ import annotations

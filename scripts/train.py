@@ -6,6 +6,8 @@
         --init-from google/vit-base-patch16-224-in21k --output-dir baselines/soft-8
     accelerate launch scripts/train.py valence-arousal --data affectnet_plus --preset base \\
         --init-from google/vit-base-patch16-224-in21k --output-dir va
+    python scripts/train.py expert --data affectnet_plus --emotion happy --fold 0 --num-folds 5 \
+        --init-from facebook/dinov2-small --freeze-backbone --output-dir experts/happy-f0
     accelerate launch scripts/train.py expert --config experts/happy-f0/training_config.json --output-dir again
     accelerate launch scripts/train.py fer --data affectnet_plus --target soft-multilabel --num-classes 8 \
         --preset base --init-from google/vit-base-patch16-224-in21k --output-dir baselines/soft-multilabel-8
@@ -37,7 +39,8 @@ from scripts.options import add_arguments, add_config_argument, from_args, parse
 # command: (config class, trainer, what it trains)
 COMMANDS = {
     "expert": (ExpertConfig, train_expert,
-               "the one-vs-rest ViT expert of one emotion, on the train rows outside one fold"),
+               "the one-vs-rest ViT/DINOv2 expert of one emotion, on the train rows outside one fold (fine-tuned, "
+               "or a head on its frozen backbone's cached features with --freeze-backbone)"),
     "fer": (FERConfig, train_fer,
             "a FER baseline: a ViT classifier of the human labels (hard), of the soft labels normalised to sum "
             "to 1 (soft) or of their independent per-emotion confidences (soft-multilabel), evaluated on the "

@@ -172,11 +172,11 @@ def test_accelerate_launch_with_two_cpu_processes(built_sample, tmp_path):
 
 def _two_emotion_folder(tmp_path, emotions=("happy", "sad")):
     root = tmp_path / "fer"
-    for split in ("train", "validation"):
+    for s, split in enumerate(("train", "validation")):
         for e, emotion in enumerate(emotions):
             (root / split / emotion).mkdir(parents=True)
-            for i in range(6):
-                face_image(64, 64, seed=10 * e + i).save(root / split / emotion / f"{i}.jpg")
+            for i in range(6):  # every image distinct: a build rejects duplicates
+                face_image(64, 64, seed=100 * s + 10 * e + i).save(root / split / emotion / f"{i}.jpg")
     out = tmp_path / "fer_plus"
     assert cli(["build", str(root), "--format", "imagefolder", "--out", str(out), "--quiet", "--no-metadata"]) == 0
     return out
@@ -266,3 +266,210 @@ def test_push_to_hub_round_trip_through_a_hub_server(built_sample, tmp_path, fak
     for (name, a), (_, b) in zip(pushed.state_dict().items(), local.state_dict().items()):
         assert torch.equal(a, b), name
     assert pipeline("image-classification", model=repo)(face_image(64, 64))[0]["label"] in ("happy", "not_happy")
+
+
+# -- experts on a frozen backbone ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    """A tiny random DINOv2 backbone folder (a bare Dinov2Model, as fetch-models converts one)."""
+    from tests.models.tiny_backbones import tiny_dinov2
+
+    return tiny_dinov2(tmp_path_factory.mktemp("backbone") / "tiny-dinov2")
+
+
+def _frozen(data, out, init_from, *extra, num_folds=2, emotions=("happy", "sad")):
+    return ["train-experts", "--data", str(data), "--num-folds", str(num_folds), "--init-from", str(init_from),
+            "--freeze-backbone", "--output-dir", str(out), "--num-workers", "0", "--quiet",
+            *(["--emotions", *emotions] if emotions else []), *extra]  # fmt: skip
+
+
+def relabelled(data, out, change):
+    """A copy of the built folder ``data`` whose train labels are ``change(image_ids, labels)``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(data, out)
+    for path in sorted((out / "data" / "train").glob("*.parquet")):
+        table = pq.read_table(path)
+        index = table.schema.get_field_index("human_label")
+        field = table.schema.field(index)
+        labels = change(table["image_id"].to_pylist(), np.asarray(table["human_label"]))
+        pq.write_table(table.set_column(index, field, pa.array(np.asarray(labels), type=field.type)), path)
+    return out
+
+
+class Recorder:
+    """Wraps ``models.frozen.fit_heads`` to keep what each call fitted on and returned."""
+
+    def __init__(self, monkeypatch):
+        import models.frozen
+
+        self.calls = []
+        original = models.frozen.fit_heads
+
+        def fit_heads(features, labels, image_ids, rows, emotions, **kwargs):
+            heads = original(features, labels, image_ids, rows, emotions, **kwargs)
+            self.calls.append({"features": features, "ids": list(image_ids), "rows": np.asarray(rows), "heads": heads})
+            return heads
+
+        monkeypatch.setattr(models.frozen, "fit_heads", fit_heads)
+
+
+def count_backbone_rows(monkeypatch) -> list:
+    """Counts the images the feature pass runs the backbone on."""
+    import models.features
+
+    seen, original = [], models.features.features_of
+    monkeypatch.setattr(models.features, "features_of", lambda m, x: seen.append(len(x)) or original(m, x))
+    return seen
+
+
+def test_frozen_experts_are_complete_checkpoints_that_never_saw_their_fold(built_sample, backbone, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    from transformers import AutoImageProcessor
+
+    from core.schema import fold_plan, folds, ids_digest
+    from models.data import FaceDataset, load_splits
+    from models.features import backbone_digest
+    from models.transforms import BatchTransform
+
+    recorder = Recorder(monkeypatch)
+    out = tmp_path / "experts"
+    assert cli(_frozen(built_sample, out, backbone)) == 0
+    train = load_splits(built_sample)["train"]
+    ids, labels = list(train["image_id"]), np.asarray(train["human_label"])
+    row_folds = folds(ids, 2)
+    # one fit per fold, on the train rows of the other fold only
+    assert len(recorder.calls) == 2
+    for fold, call in enumerate(recorder.calls):
+        assert len(call["rows"]) and (row_folds[call["rows"]] != fold).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training_mode"] == "frozen" and manifest["features"] == "features"
+    assert manifest["fold_plan"] == {**fold_plan(ids, 2, labels), "data": built_sample.name}
+    assert manifest["backbone"]["digest"] == backbone_digest(str(backbone))
+    for emotion, k in (("happy", 1), ("sad", 2)):
+        for fold in (0, 1):
+            folder = out / f"{emotion}-f{fold}"
+            for name in ("model.safetensors", "config.json", "preprocessor_config.json", "training_config.json",
+                         "all_results.json", "README.md"):  # fmt: skip
+                assert (folder / name).is_file(), name
+            results = json.loads((folder / "all_results.json").read_text())
+            assert results["training_mode"] == "frozen" and results["fold_plan"] == manifest["fold_plan"]
+            assert results["backbone"] == manifest["backbone"]
+            for key in ("heldout_auroc", "heldout_balanced_accuracy", "heldout_ece", "validation_auroc",
+                        "validation_balanced_accuracy", "validation_ece"):  # fmt: skip
+                assert 0 <= results[key] <= 1, key
+            seen = np.flatnonzero((row_folds != fold) & (labels < 8))
+            assert results["train_rows"]["ids_sha256"] == ids_digest([ids[i] for i in seen])
+            assert json.loads((folder / "training_config.json").read_text())["freeze_backbone"] is True
+            card = (folder / "README.md").read_text()
+            assert "frozen" in card and results["backbone"]["digest"] in card and "license: apache-2.0" in card
+            assert manifest["fold_plan"]["train_ids_sha256"] in card and "Cross-fitting" in card
+
+            # the checkpoint reproduces the probabilities of the head the fit computed, on the same pixels
+            model = AutoModelForImageClassification.from_pretrained(folder).eval()
+            processor = AutoImageProcessor.from_pretrained(folder)
+            size = processor.size["height"]
+            rows = list(range(6))
+            dataset = FaceDataset(train, np.arange(len(train)), size)
+            pixels = BatchTransform(size, processor.image_mean, processor.image_std).eval()(
+                torch.stack([dataset[i][0] for i in rows]))  # fmt: skip
+            with torch.no_grad():
+                saved = model(pixel_values=pixels).logits.softmax(-1)[:, 1].numpy()
+            call = recorder.calls[fold]
+            fitted = call["heads"][k].probabilities(call["features"][rows].numpy())
+            np.testing.assert_allclose(saved, fitted, atol=1e-5)
+            predictions = pipeline("image-classification", model=str(folder))(face_image(80, 90))
+            assert {p["label"] for p in predictions} == {emotion, f"not_{emotion}"}
+
+
+def test_stale_experts_are_refused_and_overwrite_retrains_them(built_sample, backbone, tmp_path, capsys,
+                                                               monkeypatch):  # fmt: skip
+    from tests.models.tiny_backbones import tiny_dinov2
+
+    out = tmp_path / "experts"
+    emotions = ("happy",)
+    assert cli(_frozen(built_sample, out, backbone, emotions=emotions)) == 0
+    stamp = (out / "happy-f0" / "model.safetensors").stat().st_mtime_ns
+    assert cli(_frozen(built_sample, out, backbone, emotions=emotions)) == 0  # the same contract: kept
+    assert (out / "happy-f0" / "model.safetensors").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+
+    other = tiny_dinov2(tmp_path / "other-backbone", seed=1)
+    changed_label = relabelled(built_sample, tmp_path / "relabelled",
+                               lambda ids, labels: np.where(np.arange(len(labels)) == 0, (labels + 1) % 8, labels))
+    cases = [
+        (_frozen(built_sample, out, backbone, num_folds=3, emotions=emotions), "fold_plan.num_folds: 2 there, 3 now"),
+        (_frozen(built_sample, out, other, emotions=emotions), "backbone"),
+        (_frozen(changed_label, out, backbone, emotions=emotions), "fold_plan.train_labels_sha256"),
+        (["train-experts", "--data", str(built_sample), "--num-folds", "2", "--output-dir", str(out), "--emotions",
+          "happy", "--max-steps", "1", "--quiet", *FAST], "training_mode: 'frozen' there, 'fine-tuned' now"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert cli(argv) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "--overwrite" in err
+    assert (out / "happy-f0" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing was touched
+
+    computed = count_backbone_rows(monkeypatch)
+    assert cli(_frozen(changed_label, out, backbone, "--overwrite", emotions=emotions)) == 0
+    results = json.loads((out / "happy-f0" / "all_results.json").read_text())
+    assert results["fold_plan"]["data"] == "relabelled"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert results["fold_plan"]["train_labels_sha256"] == manifest["fold_plan"]["train_labels_sha256"]
+    assert (out / "happy-f0" / "model.safetensors").stat().st_mtime_ns != stamp
+    assert sum(computed) == 0  # the same images and backbone: every feature came from the cache
+    assert cli(_frozen(changed_label, out, backbone, emotions=emotions)) == 0  # and now it is current
+
+
+def test_freeze_backbone_needs_a_pretrained_backbone(built_sample, tmp_path, capsys):
+    argv = ["train-experts", "--data", str(built_sample), "--output-dir", str(tmp_path / "x"), "--freeze-backbone",
+            "--quiet"]  # fmt: skip
+    assert cli(argv) == 2
+    assert "--freeze-backbone needs a pretrained backbone (--init-from)" in capsys.readouterr().err
+
+
+def test_one_frozen_expert_from_train_py(built_sample, backbone, tmp_path):
+    out = tmp_path / "experts" / "sad-f1"
+    argv = ["--data", str(built_sample), "--emotion", "sad", "--fold", "1", "--num-folds", "2", "--init-from",
+            str(backbone), "--freeze-backbone", "--output-dir", str(out), "--num-workers", "0"]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["training_mode"] == "frozen" and results["fold"] == 1
+    assert list((tmp_path / "experts" / "features").rglob("*.safetensors"))  # the cache sits beside the expert
+
+
+def test_a_fine_tuned_expert_records_its_contract(built_sample, backbone, tmp_path):
+    from models.features import backbone_digest
+
+    out = tmp_path / "dino-ft"
+    assert main(_args(built_sample, out, "--max-steps", "1", "--init-from", str(backbone))) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["training_mode"] == "fine-tuned" and results["fold_plan"]["num_folds"] == 2
+    assert results["backbone"]["digest"] == backbone_digest(str(backbone)) and results["image_size"] == 28
+    assert type(AutoModelForImageClassification.from_pretrained(out)).__name__ == "Dinov2ForImageClassification"
+    assert pipeline("image-classification", model=str(out))(face_image(40, 40))[0]["label"] in ("happy", "not_happy")
+    tiny = tmp_path / "tiny"
+    assert main(_args(built_sample, tiny, "--max-steps", "1")) == 0
+    assert json.loads((tiny / "all_results.json").read_text())["backbone"]["digest"] == "preset:tiny"
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_feature_pass(built_sample, backbone, tmp_path):
+    from models.data import load_splits
+    from models.features import FeatureCache, backbone_digest
+
+    out = tmp_path / "experts" / "happy-f0"
+    argv = ["--data", str(built_sample), "--emotion", "happy", "--fold", "0", "--num-folds", "2", "--init-from",
+            str(backbone), "--freeze-backbone", "--output-dir", str(out), "--num-workers", "0"]  # fmt: skip
+    result = launch_two_processes("scripts/train.py", "expert", *argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2 and results["training_mode"] == "frozen"
+    splits = load_splits(built_sample, columns=("image_id",))
+    cache = FeatureCache(tmp_path / "experts" / "features", backbone_digest(str(backbone)))
+    # each row computed by one of the two processes, once
+    assert len(cache) == len(splits["train"]) + len(splits["validation"])
+    assert len(list(cache.dir.glob("*.safetensors"))) == 4  # train and validation, one file per process each

@@ -41,7 +41,9 @@ def check_generated(parser, cls, exclude=(), helps=()):
     actions = {a.dest: a for a in parser._actions}
     for f, owner in leaf_fields(cls, exclude):
         action = actions[f.name]
-        assert action.option_strings == ["--" + f.name.replace("_", "-")], f.name
+        option = "--" + f.name.replace("_", "-")
+        flags = [option, "--no-" + option[2:]] if f.type in (bool, "bool") else [option]  # --flag / --no-flag
+        assert action.option_strings == flags, f.name
         expected = field_help(owner).get(f.name) if f.name not in helps else action.help
         assert action.help and action.help == expected, f"{cls.__name__}.{f.name} has no help"
         if f.default is not dataclasses.MISSING:
@@ -85,7 +87,10 @@ def test_fer_target_choices_include_the_multilabel_variant():
 
 def test_train_experts_and_label_options_come_from_the_configs():
     experts = subcommand(cli_parser(), "train-experts")
-    check_generated(experts, ExpertConfig, exclude=("emotion", "fold", "push_to_hub"), helps=("output_dir",))
+    check_generated(experts, ExpertConfig, exclude=("emotion", "fold", "push_to_hub"),
+                    helps=("output_dir", "feature_cache"))
+    options = {s for a in experts._actions for s in a.option_strings}
+    assert {"--freeze-backbone", "--no-freeze-backbone", "--overwrite", "--feature-cache", "--quiet"} <= options
     assert "--emotions" in {s for a in experts._actions for s in a.option_strings}
     check_generated(label_parser(), LabelConfig)
 
@@ -128,3 +133,18 @@ def test_a_saved_config_parses_back_to_the_same_config(command, config, tmp_path
     saved.write_text(json.dumps({**resolved_config(config), "sed": 1}))  # a typo is an error, not ignored
     with pytest.raises(SystemExit):
         parse_args(commands[command], ["--config", str(saved)])
+
+
+def test_the_ensembles_saved_settings_parse_back_as_train_experts_options(tmp_path):
+    """``train-experts --config OUT/training_config.json`` repeats a run, the frozen mode included."""
+    from models.expert import train_experts
+
+    settings = {"data": "d", "num_folds": 2, "preset": "tiny", "init_from": "backbone", "image_size": 224,
+                "freeze_backbone": True, "feature_cache": None,
+                "train": dataclasses.asdict(TrainConfig("experts")), "augment": dataclasses.asdict(AugmentConfig())}  # fmt: skip
+    assert set(settings) <= set(train_experts.__code__.co_varnames)
+    saved = tmp_path / "training_config.json"
+    saved.write_text(json.dumps(settings))
+    experts = subcommand(cli_parser(), "train-experts")
+    args = parse_args(experts, ["--config", str(saved)])
+    assert args.freeze_backbone is True and args.init_from == "backbone" and args.image_size == 224
