@@ -299,7 +299,7 @@ def write_report(folder, out, baselines=None) -> Path:
         (out / "release_agreement.json").write_text(json.dumps(agreement, indent=2) + "\n", encoding="utf-8")
     if baselines:
         runs = _baseline_runs(Path(baselines))
-        sections += ["", "## Baselines: Hard-FER vs Soft-FER", "",
+        sections += ["", "## Baselines: hard vs soft labels", "",
                      f"![confusion matrices]({confusion_matrices(runs, out)})", "",
                      f"![reliability]({reliability_diagrams(runs, out)})"]  # fmt: skip
     metadata = metadata_distributions(columns, out)
