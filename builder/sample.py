@@ -41,6 +41,7 @@ import hmac
 import io
 import json
 import math
+import multiprocessing
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1113,6 +1114,38 @@ def _points(points: np.ndarray, digits: int) -> list[list[float]]:
     return [[_r(x, digits), _r(y, digits)] for x, y in points]
 
 
+def _rendered(config: SampleConfig, index: int, split: str, code: int | None) -> dict:
+    """``_example`` with its pixels replaced by what is written: ``"jpeg"``, the encoded image (the
+    full image, or in the release layout its face crop, whose frame is ``"crop_origin"`` and
+    ``"crop_scale"``). A function of its arguments only, so any process may compute it."""
+    ex = _example(config, index, split, code)
+    image = ex.pop("image")
+    if config.layout == "affectnet-plus":
+        image, ex["crop_origin"], ex["crop_scale"] = _crop(image, ex["box"], config.crop_size, config.crop_margin)
+    ex["jpeg"] = _jpeg(image, ex["quality"])
+    return ex
+
+
+def _rendered_task(task: tuple[SampleConfig, int, str, int | None]) -> dict:
+    return _rendered(*task)
+
+
+def _rendered_examples(config: SampleConfig, splits: list[str], codes: list[int | None], num_proc: int):
+    """Yields ``_rendered`` for every index in index order, computed by ``num_proc`` processes (one:
+    here, without a pool). Workers are spawned, not forked, so a caller's threads or loaded
+    libraries cannot leave them in a broken state."""
+    if num_proc == 1:
+        for index in range(config.n):
+            yield _rendered(config, index, splits[index], codes[index])
+        return
+    tasks = ((config, index, splits[index], codes[index]) for index in range(config.n))
+    processes = min(num_proc, config.n)
+    # Chunks small enough to keep every worker busy to the end, large enough to amortise the transfers.
+    chunksize = max(1, min(8, config.n // (4 * processes)))
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        yield from pool.imap(_rendered_task, tasks, chunksize=chunksize)
+
+
 def _clear(out: Path, layout: str, overwrite: bool) -> None:
     existing = [out / t for t in [*LAYOUT_FOLDERS[layout], GROUND_TRUTH, MANIFEST] if (out / t).exists()]
     if existing and not overwrite:
@@ -1121,7 +1154,9 @@ def _clear(out: Path, layout: str, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, overwrite: bool = False) -> dict:
+def write_sample(
+    out: str | Path, config: SampleConfig, progress: bool = False, overwrite: bool = False, num_proc: int = 1
+) -> dict:
     """Writes the sample under `out` and returns a summary dict (counts per split, label agreement rate...).
 
     Args:
@@ -1130,6 +1165,17 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
             ``sample_manifest.json`` are replaced.
         config: what to render.
         progress: show a tqdm progress bar.
+        overwrite: replace an existing sample in `out` (see `out`).
+        num_proc: processes rendering the images (each image is a function of the seed and its
+            index, so the files are byte-identical for any value; the main process writes them, in
+            index order). 1 renders here, without a pool; more spawn a pool of
+            ``min(num_proc, config.n)`` workers (spawned, not forked: a script that passes more
+            than 1 calls this under ``if __name__ == "__main__":``). Not part of the config nor of
+            the manifest.
+
+    Raises:
+        ValueError: ``num_proc`` is not an integer >= 1.
+        FileExistsError: `out` holds a sample and not ``overwrite``.
 
     Returns:
         ``{"layout", "n", "seed", "splits": {split: count}, "human_labels": {name: count},
@@ -1144,6 +1190,8 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
     """
     from tqdm.auto import tqdm
 
+    if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
+        raise ValueError(f"num_proc must be an integer >= 1, got {num_proc!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _clear(out, config.layout, overwrite)
@@ -1153,9 +1201,9 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
     counts = {"splits": dict.fromkeys(("train", "validation", "unlabeled"), 0), "labels": [0] * len(HUMAN_LABELS)}
     agree = {"labelled": [0, 0], "unlabeled": [0, 0]}
     subset_counts = [0, 0, 0]
-    for index in tqdm(range(config.n), disable=not progress, desc="rendering sample", unit="img"):
-        split = splits[index]
-        ex = _example(config, index, split, codes[index])
+    examples = _rendered_examples(config, splits, codes, num_proc)
+    for ex in tqdm(examples, total=config.n, disable=not progress, desc="rendering sample", unit="img"):
+        index, split = ex["index"], ex["split"]
         subdir, stem = _name(config.seed, index)
         counts["splits"][split] += 1
         counts["labels"][ex["human_label"]] += 1
@@ -1167,7 +1215,7 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
             images = "Automatically_Annotated_Images" if split == "unlabeled" else "Manually_Annotated_Images"
             relative = f"{subdir}/{stem}.jpg"
             path = out / images / relative
-            image, landmarks = ex["image"], ex["landmarks"]
+            landmarks = ex["landmarks"]
             va = ex["written_va"]
             csv_rows[split].append(
                 [
@@ -1181,7 +1229,7 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
         else:
             part = release.PARTS[split]
             path = out / part / "images" / f"{stem}.jpg"
-            image, origin, scale = _crop(ex["image"], ex["box"], config.crop_size, config.crop_margin)
+            origin, scale = ex["crop_origin"], ex["crop_scale"]
             landmarks = (ex["landmarks"] - origin) * scale
             noisy = (ex["noisy_landmarks"] - origin) * scale
             soft = release_soft_label(ex["soft_label"])
@@ -1210,7 +1258,7 @@ def write_sample(out: str | Path, config: SampleConfig, progress: bool = False, 
             (path.parent.parent / "annotations").mkdir(parents=True, exist_ok=True)
             (path.parent.parent / "annotations" / f"{stem}.json").write_text(json.dumps(annotation), encoding="utf-8")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_jpeg(image, ex["quality"]))
+        path.write_bytes(ex["jpeg"])
         truth.append(
             {
                 "image_id": path.relative_to(out).with_suffix("").as_posix(),

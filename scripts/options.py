@@ -198,8 +198,10 @@ def parse_args(parser, argv=None):
             parser.error(f"--config {path}: unknown options {', '.join(unknown)}")
         for name, value in values.items():
             choices = dests[name].choices
-            if choices is not None and value is not None and value not in choices:
-                parser.error(f"--config {path}: {name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            many = dests[name].nargs in ("+", "*") and isinstance(value, (list, tuple))  # e.g. emotions: [...]
+            bad = [v for v in (value if many else [value]) if v is not None and choices is not None and v not in choices]
+            if bad:
+                parser.error(f"--config {path}: {name} must be one of {', '.join(map(str, choices))}, got {bad[0]!r}")
             dests[name].required = False
         parser.set_defaults(**values)
     return parser.parse_args(argv)

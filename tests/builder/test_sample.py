@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from affectnet_plus import EMOTIONS, HUMAN_LABELS
-from builder import release
+from builder import release, sample
 from builder.sample import (
     CSV_COLUMNS,
     LANDMARK_29,
@@ -114,6 +114,28 @@ def test_existing_sample_is_not_overwritten_silently(tmp_path):
     write_sample(tmp_path, SampleConfig(n=3, seed=1, **SMALL), overwrite=True)
     assert len(_truth(tmp_path)) == 3
     assert len(list(tmp_path.rglob("*.jpg"))) == 3  # the old images are gone
+
+
+@pytest.mark.parametrize("layout", ["affectnet", "affectnet-plus"])
+def test_rendering_in_worker_processes_writes_byte_identical_files(tmp_path, monkeypatch, layout):
+    config = SampleConfig(n=24, seed=11, layout=layout, non_emotion_fraction=0.2, **SMALL)
+    serial = write_sample(tmp_path / "serial", config)
+    # The pool's workers import the module afresh; here, rendering is broken, so every image the
+    # parallel run writes was rendered in a worker.
+    monkeypatch.setattr(sample, "_rendered", lambda *args: pytest.fail("rendered in the main process"))
+    parallel = write_sample(tmp_path / "parallel", config, num_proc=2)
+    a, b = _files(tmp_path / "serial"), _files(tmp_path / "parallel")
+    assert len(a) == 24 + (3 + 2 if layout == "affectnet" else 24 + 2)  # images, CSVs or JSONs, truth, manifest
+    assert a == b  # every image, file list, annotation, ground_truth.jsonl and the signed manifest
+    assert parallel == serial
+    assert sample.is_bundled_sample(tmp_path / "parallel", layout)
+
+
+@pytest.mark.parametrize("num_proc", [0, -1, 1.5, True])
+def test_write_sample_rejects_a_bad_num_proc(tmp_path, num_proc):
+    with pytest.raises(ValueError, match="num_proc"):
+        write_sample(tmp_path / "out", SampleConfig(n=2, seed=0, **SMALL), num_proc=num_proc)
+    assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
 # ------------------------------------------------------------------------------- raw AffectNet CSV

@@ -89,3 +89,17 @@ def test_a_percent_sign_in_a_docstring_does_not_break_help():
     parser = argparse.ArgumentParser()
     add_arguments(parser, Noisy)
     assert "about 5 % of the rows" in parser.format_help()
+
+
+def test_a_list_option_in_a_config_file_is_checked_value_by_value(tmp_path):
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command", parser_class=ConfigFileParser)
+    run = commands.add_parser("run")
+    add_config_argument(run)
+    run.add_argument("--emotions", nargs="+", choices=("happy", "sad"), default=["happy", "sad"])
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"emotions": ["sad"]}))  # what a saved training_config.json holds
+    assert parser.parse_args(["run", "--config", str(config)]).emotions == ["sad"]
+    config.write_text(json.dumps({"emotions": ["sad", "angry"]}))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--config", str(config)])
