@@ -29,20 +29,20 @@ install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(FETCH_MODELS)
 
-# The whole chain on the bundled sample: render, build a stage folder, train 8 x 2 experts on it (the
+# The whole chain on the bundled sample: render, build a stage folder, train 8 x 5 experts on it (the
 # converted DINOv2-small backbone that fetch-models made, frozen: its features computed once at 224 px,
-# one-vs-rest heads fitted on them), build AffectNet+ with their soft labels (λ and the AU calibration
-# fitted on the train rows' labels) and the estimated metadata, compare with the sample's truth, load it
-# with load_dataset.
+# one-vs-rest heads fitted on them), build AffectNet+ with their soft labels (λ fitted on the train rows'
+# labels, the AU component the EMFACS default) and the estimated metadata, compare with the sample's
+# truth, load it with load_dataset.
 demo: install
 	rm -rf demo
-	$(BIN)/affectnet-plus sample demo/raw --n $(DEMO_N) --seed 0 --grid demo/sample_grid.png --quiet
+	$(BIN)/affectnet-plus sample demo/raw --n $(DEMO_N) --seed 0 --grid demo/sample_grid.png --num-proc 2 --quiet
 	$(BIN)/affectnet-plus build demo/raw --format affectnet --out demo/stage --num-proc 2 --quiet --no-metadata
-	$(BIN)/affectnet-plus train-experts --data demo/stage --num-folds 2 --output-dir demo/experts --num-workers 0 \
+	$(BIN)/affectnet-plus train-experts --data demo/stage --num-folds 5 --output-dir demo/experts --num-workers 0 \
 		--init-from "$$($(BIN)/python -c 'from builder.model_store import pretrained_backbone_dir; print(pretrained_backbone_dir())')" \
 		--freeze-backbone --image-size 224 --quiet
 	$(BIN)/affectnet-plus build demo/raw --format affectnet --experts demo/experts/manifest.json \
-		--out demo/affectnet_plus --num-proc 2 --fit-fusion --calibrate-au
+		--out demo/affectnet_plus --num-proc 2 --fit-fusion
 	$(BIN)/affectnet-plus truth demo/affectnet_plus --ground-truth demo/raw/ground_truth.jsonl --json demo/truth.json
 	cd demo && ../$(BIN)/affectnet-plus show affectnet_plus
 

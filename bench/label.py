@@ -174,7 +174,7 @@ def device() -> str:
 
 
 def run_project(data: Path, manifest: Path, out: Path, args, precision: str) -> dict:
-    from models.labeling import resolve_precision
+    from models.features import resolve_precision
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from models.labeling import resolve_precision
+    from models.features import resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)

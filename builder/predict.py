@@ -31,7 +31,8 @@ from builder.au import AUModel, au_scores, degenerate_landmarks
 from builder.softlabel import FusionConfig, fuse
 from builder.stage import file_sha256
 from core.schema import AU_MODEL_FILE, EMOTIONS, FUSION_FILE, AffectNetPlusConfig
-from models.labeling import autocast_for, load_ensemble, score_batch
+from models.features import autocast_for
+from models.labeling import load_ensemble, score_batch
 from models.transforms import BatchTransform, decode_image
 
 

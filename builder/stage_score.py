@@ -5,7 +5,7 @@ other row by the mean over the K experts of each emotion (``models.labeling.scor
 ``OUT/.build/score/``: per crop shard, ``<shard>.parquet`` with ``image_id`` and ``expert_probs``
 (float32, the raw one-vs-rest probabilities). The crops are read straight from the crop shards, so
 they are never copied into a ``datasets`` cache. The experts run on the GPU when there is one, in the
-precision ``models.labeling.resolve_precision`` picks for the device.
+precision ``models.features.resolve_precision`` picks for the device.
 
 Fingerprint (``fingerprint``): the crop stage's digest, the manifest's sha256 and fold count, the
 sha256 of every expert's ``model.safetensors``, ``config.json`` and ``preprocessor_config.json``, and
@@ -107,7 +107,7 @@ def train_ids(dirs: list[Path], shards: list[str]) -> list[str]:
 
 
 def fingerprint(crop_digest: str, manifest: Path) -> dict:
-    from models.labeling import resolve_precision
+    from models.features import resolve_precision
 
     return {
         "crop": crop_digest,

@@ -11,8 +11,12 @@ never saw them. Five candidate soft labels against the true mixture:
 
 Metrics: mean KL(true || candidate) (candidates clipped at 1e-6 so one-hot labels give a finite,
 large value) and how often the candidate's argmax is the true dominant emotion. Also: how often the
-annotator agrees with the true dominant emotion, and the share of challenging + difficult rows among
-rows whose annotator label is wrong vs right (the subsets should track ambiguity).
+annotator agrees with the true dominant emotion, the share of challenging + difficult rows among
+rows whose annotator label is wrong vs right (the subsets should track ambiguity), and the experts'
+one-vs-rest AUROC (``expert_probs[:, k]`` ranking the rows of emotion k first, mean over the 8 emotions)
+against the true dominant emotion and against the annotators' labels. The expert cards can only show
+the second, on their held-out folds; the sample's annotators are wrong on about a third of the rows, so
+the first says how well the experts find the emotion itself.
 
 Example:
     >>> from builder.truth import truth_check  # doctest: +SKIP
@@ -27,6 +31,7 @@ import numpy as np
 from datasets import load_dataset
 
 from core.schema import EMOTIONS, as_distribution
+from models.metrics import binary_auroc
 
 EPS = 1e-6
 SMOOTHING = 0.1
@@ -92,7 +97,19 @@ def truth_check(dataset_dir, ground_truth) -> dict:
     result["annotator_agreement"] = round(float(right.mean()), 4)
     result["hard_share_label_wrong"] = round(float(hard[~right].mean()), 4) if (~right).any() else None
     result["hard_share_label_right"] = round(float(hard[right].mean()), 4) if right.any() else None
+    experts = np.asarray(rows["expert_probs"], dtype=np.float64)
+    result["experts_auroc"] = {
+        target: {"mean": _mean(per_emotion), "per_emotion": dict(zip(EMOTIONS, per_emotion))}
+        for target, codes in (("true_dominant", dominant), ("annotator_label", human))
+        for per_emotion in [[round(binary_auroc(experts[:, k], codes == k), 4) for k in range(len(EMOTIONS))]]
+    }
     return result
+
+
+def _mean(values: list[float]) -> float | None:
+    """The mean of the defined values (an emotion with no row of its own has no AUROC)."""
+    defined = [v for v in values if v == v]
+    return round(float(np.mean(defined)), 4) if defined else None
 
 
 def format_truth(result: dict) -> str:
@@ -118,8 +135,15 @@ def format_truth(result: dict) -> str:
         f"Annotators agree with the true dominant emotion on {result['annotator_agreement']:.1%} of these rows.",
         f"Challenging + difficult: {_share(result['hard_share_label_wrong'])} of rows whose annotator label is "
         f"wrong, {_share(result['hard_share_label_right'])} of rows whose label is right.",
+        f"Experts' one-vs-rest AUROC, mean over the emotions: {_score(result['experts_auroc']['true_dominant'])} "
+        f"against the true dominant emotion, {_score(result['experts_auroc']['annotator_label'])} against the "
+        "annotators' labels.",
     ]
     return "\n".join(lines)
+
+
+def _score(auroc: dict) -> str:
+    return "n/a" if auroc["mean"] is None else f"{auroc['mean']:.3f}"
 
 
 def _share(value: float | None) -> str:

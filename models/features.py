@@ -34,6 +34,36 @@ CHUNK_ROWS = 4096  # rows per cache file: the unit of writing (atomic) and of re
 _SHA_CACHE: dict[tuple, str] = {}
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (Linux flags avx512_bf16 / amx_bf16); emulated
+    bfloat16 would be slower than float32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(device: torch.device | str, precision: str = "auto") -> str:
+    """``bf16`` or ``fp32``: what ``precision`` means on ``device`` (see ``models.labeling.LabelConfig.precision``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+    return precision
+
+
+def autocast_for(device: torch.device | str, precision: str = "auto"):
+    """The autocast context a backbone runs under on ``device`` at ``precision``."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(device, precision) == "bf16")
+
+
 def feature_dim(config) -> int:
     """Length of the classifier input of a model of ``config``."""
     return config.hidden_size * (2 if family(config) == "dinov2" else 1)
@@ -139,25 +169,29 @@ def pixel_keys(images: torch.Tensor) -> list[str]:
 class FeatureCache:
     """Features of one backbone (``digest``) by ``image_id``, in ``root/<digest>/*.safetensors``.
 
-    Each file holds a ``features`` tensor ``(N, D)`` (float32) and, in its metadata, the ``image_ids``
-    and the ``pixel_keys`` of its rows; files are written whole (a temporary name, then a rename), so
-    processes may write at once and a crash leaves no partial file. A lookup hits only when both the
-    ``image_id`` and the pixel key match.
+    Each file holds a ``features`` tensor ``(N, D)`` (float32), and in its metadata the ``image_ids``
+    and the ``pixel_keys`` of its rows and the ``precision`` (``fp32`` or ``bf16``) the backbone ran at;
+    files are written whole (a temporary name, then a rename), so processes may write at once and a
+    crash leaves no partial file. A lookup hits only when the ``image_id``, the pixel key and the
+    precision all match: features computed under bfloat16 differ from float32 ones by ~1e-2, so each
+    precision reads only its own.
 
     Example:
         >>> cache = FeatureCache(tmp_path, "abc")  # doctest: +SKIP
         >>> cache.put(["a"], ["k"], torch.ones(1, 4)); cache.get(["a", "b"], ["k", "k"])[1].tolist()  # doctest: +SKIP
         [True, False]
+        >>> cache.get(["a"], ["k"], precision="bf16")[1].tolist()  # doctest: +SKIP
+        [False]
     """
 
     def __init__(self, root, digest: str, writable: bool = True):
         self.dir = Path(root) / digest
         self.digest = digest
         self.writable = writable
-        self._index: dict[tuple[str, str], tuple[Path, int]] | None = None
+        self._index: dict[tuple[str, str, str], tuple[Path, int]] | None = None
         self._seen: set[str] = set()
 
-    def _refresh(self) -> dict[tuple[str, str], tuple[Path, int]]:
+    def _refresh(self) -> dict[tuple[str, str, str], tuple[Path, int]]:
         from safetensors import safe_open
 
         if self._index is None:
@@ -170,20 +204,22 @@ class FeatureCache:
             with safe_open(str(path), "pt") as handle:
                 meta = handle.metadata() or {}
             ids, keys = json.loads(meta.get("image_ids", "[]")), json.loads(meta.get("pixel_keys", "[]"))
+            precision = meta.get("precision", "fp32")
             for row, (image_id, key) in enumerate(zip(ids, keys)):
-                self._index[(image_id, key)] = (path, row)
+                self._index[(image_id, key, precision)] = (path, row)
             self._seen.add(path.name)
         return self._index
 
     def __len__(self) -> int:
         return len(self._refresh())
 
-    def get(self, image_ids, keys) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(features (N, D) with zeros where missing, or None when nothing is found; hit mask (N,))``."""
+    def get(self, image_ids, keys, precision: str = "fp32") -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(features (N, D) with zeros where missing, or None when nothing is found; hit mask (N,))`` of
+        the rows computed at ``precision``."""
         from safetensors import safe_open
 
         index = self._refresh()
-        found = [index.get((i, k)) for i, k in zip(image_ids, keys)]
+        found = [index.get((i, k, precision)) for i, k in zip(image_ids, keys)]
         hits = torch.tensor([f is not None for f in found], dtype=torch.bool)
         if not hits.any():
             return None, hits
@@ -201,8 +237,8 @@ class FeatureCache:
             out[list(positions)] = stored[list(rows)].float()
         return out, hits
 
-    def put(self, image_ids, keys, features: torch.Tensor) -> None:
-        """Adds rows (one file per call; call with a few thousand rows at a time)."""
+    def put(self, image_ids, keys, features: torch.Tensor, precision: str = "fp32") -> None:
+        """Adds rows computed at ``precision`` (one file per call; call with a few thousand rows at a time)."""
         if not self.writable:
             raise PermissionError(f"the feature cache {self.dir} is read-only here")
         from safetensors.torch import save_file
@@ -210,25 +246,30 @@ class FeatureCache:
         image_ids, keys = list(image_ids), list(keys)
         if not image_ids:
             return
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"a cached feature's precision is fp32 or bf16, got {precision!r}")
         if len(image_ids) != len(keys) or len(image_ids) != len(features):
             raise ValueError(f"{len(image_ids)} ids, {len(keys)} keys and {len(features)} feature rows")
         self.dir.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256("\n".join(f"{i}\t{k}" for i, k in zip(image_ids, keys)).encode("utf-8")).hexdigest()
+        rows = "\n".join(f"{i}\t{k}" for i, k in zip(image_ids, keys))
+        name = hashlib.sha256(f"{precision}\n{rows}".encode()).hexdigest()
         path = self.dir / f"{name[:32]}.safetensors"
         tmp = self.dir / f".tmp-{os.getpid()}-{path.name}"
-        meta = {"image_ids": json.dumps(image_ids), "pixel_keys": json.dumps(keys), "digest": self.digest}
+        meta = {"image_ids": json.dumps(image_ids), "pixel_keys": json.dumps(keys), "digest": self.digest,
+                "precision": precision}  # fmt: skip
         save_file({"features": features.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
         os.replace(tmp, path)
 
 
 @torch.inference_mode()
 def compute_features(model, transform, loader, image_ids, *, device="cpu", cache: FeatureCache | None = None,
-                     progress: bool = False, desc: str = "features") -> torch.Tensor:  # fmt: skip
+                     progress: bool = False, desc: str = "features", precision: str = "fp32") -> torch.Tensor:  # fmt: skip
     """The classifier input of every row ``loader`` yields, in one pass, batched, without gradients.
 
     ``loader`` yields ``(uint8 images (B, 3, H, W), row indices)`` and ``image_ids[row]`` names a row.
-    Rows found in ``cache`` skip the backbone; the others are computed and, when the cache is writable,
-    added to it. Returns ``(len(image_ids), D)`` float32 features on the CPU (rows ``loader`` did not
+    The backbone runs at ``precision`` (``resolve_precision``: ``auto`` is bfloat16 where the hardware
+    computes it). Rows found in ``cache`` at that precision skip the backbone; the others are computed
+    and, when the cache is writable, added to it. Returns ``(len(image_ids), D)`` float32 features on the CPU (rows ``loader`` did not
     yield stay zero).
 
     Example:
@@ -239,6 +280,7 @@ def compute_features(model, transform, loader, image_ids, *, device="cpu", cache
 
     model = model.eval()
     transform = transform.eval().to(device)
+    precision = resolve_precision(device, precision)
     out = None
     pending: tuple[list, list, list] = ([], [], [])
     bar = tqdm(total=len(loader.dataset), desc=desc, unit="img", disable=not progress, leave=False)
@@ -246,12 +288,14 @@ def compute_features(model, transform, loader, image_ids, *, device="cpu", cache
         rows = rows.tolist()
         ids = [image_ids[r] for r in rows]
         keys = pixel_keys(images)
-        cached, hits = cache.get(ids, keys) if cache is not None else (None, torch.zeros(len(rows), dtype=torch.bool))
+        cached, hits = (cache.get(ids, keys, precision) if cache is not None
+                        else (None, torch.zeros(len(rows), dtype=torch.bool)))  # fmt: skip
         features = cached
         misses = (~hits).nonzero().squeeze(1)
         if len(misses):
             pixels = transform(images[misses].to(device, non_blocking=True))
-            computed = features_of(model, pixels).cpu()
+            with autocast_for(device, precision):
+                computed = features_of(model, pixels).cpu()
             if features is None:
                 features = torch.zeros(len(rows), computed.shape[1])
             features[misses] = computed
@@ -260,13 +304,13 @@ def compute_features(model, transform, loader, image_ids, *, device="cpu", cache
                 pending[1].extend(keys[i] for i in misses.tolist())
                 pending[2].append(computed)
                 if len(pending[0]) >= CHUNK_ROWS:
-                    cache.put(pending[0], pending[1], torch.cat(pending[2]))
+                    cache.put(pending[0], pending[1], torch.cat(pending[2]), precision)
                     pending = ([], [], [])
         if out is None:
             out = torch.zeros(len(image_ids), features.shape[1])
         out[rows] = features
         bar.update(len(rows))
     if cache is not None and cache.writable and pending[0]:
-        cache.put(pending[0], pending[1], torch.cat(pending[2]))
+        cache.put(pending[0], pending[1], torch.cat(pending[2]), precision)
     bar.close()
     return out if out is not None else torch.zeros(len(image_ids), 0)

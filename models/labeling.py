@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from core.schema import EMOTIONS, fold_plan, fold_plan_mismatch, folds
 from models.data import FaceDataset, load_splits
 from models.expert import expert_labels, quiet_libraries
+from models.features import PRECISIONS, autocast_for, resolve_precision
 from models.training import RESULTS_FILE, make_loader
 from models.transforms import BatchTransform
 from models.vit import FAMILIES, check_safetensors, processor_size
@@ -55,7 +56,7 @@ class LabelConfig:
         precision: ``auto`` runs the experts in bfloat16 on GPUs and on CPUs that compute it in
             hardware (AVX512-BF16 / AMX: ~1.7x faster; probabilities move by ~1e-3 with the tiny preset,
             up to ~3e-2 through a 12-layer ViT-S/14), float32 elsewhere; ``fp32`` and ``bf16`` force one.
-            Rows read from a frozen backbone's feature cache are scored from its float32 features.
+            Rows of a frozen backbone's feature cache computed at the same precision skip the backbone.
     """
 
     data: str
@@ -64,38 +65,12 @@ class LabelConfig:
     batch_size: int = 256
     num_workers: int = 4
     shard_rows: int = 8192
-    precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16")})
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
 
     def __post_init__(self):
         if self.batch_size < 1 or self.shard_rows < 1 or self.num_workers < 0:
             raise ValueError("batch_size and shard_rows must be >= 1, num_workers >= 0")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (Linux flags avx512_bf16 / amx_bf16); emulated
-    bfloat16 would be slower than float32."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(device: torch.device | str, precision: str = "auto") -> str:
-    """``bf16`` or ``fp32``: what ``precision`` means on ``device`` (see ``LabelConfig.precision``)."""
-    device = torch.device(device)
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
-    return precision
-
-
-def autocast_for(device: torch.device | str, precision: str = "auto"):
-    """The autocast context the experts run under on ``device``."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(device, precision) == "bf16")
+        resolve_precision("cpu", self.precision)  # a ValueError names the choices
 
 
 @dataclass
@@ -319,6 +294,7 @@ def score_loader(ensemble: Ensemble, transform, loader, row_folds: np.ndarray | 
     """
     from models.features import pixel_keys
 
+    precision = resolve_precision(device, precision)
     autocast = autocast_for(device, precision)
     cached_groups = [g for g, group in enumerate(ensemble.groups) if group.cache is not None]
     parts = []
@@ -328,7 +304,7 @@ def score_loader(ensemble: Ensemble, transform, loader, row_folds: np.ndarray | 
             ids, keys = [image_ids[i] for i in rows.tolist()], pixel_keys(images)
             known = {}
             for g in cached_groups:
-                features, found = ensemble.groups[g].cache.get(ids, keys)
+                features, found = ensemble.groups[g].cache.get(ids, keys, precision)
                 if features is not None:
                     known[g] = (features.to(device), found.to(device))
         pixels = transform(images.to(device, non_blocking=True))

@@ -96,6 +96,12 @@ def _write(folder: Path, world: dict, soft: np.ndarray, au: np.ndarray, expert: 
     return folder, truth_file
 
 
+def _pairwise_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(a positive row outscores a negative one), ties half: every pair counted, no ranks."""
+    pos, neg = scores[positive], scores[~positive]
+    return float(((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])).mean())
+
+
 def _stored(values: np.ndarray) -> np.ndarray:
     """What a float32 Parquet column gives back."""
     return values.astype(np.float32).astype(np.float64)
@@ -127,6 +133,11 @@ def test_truth_check_equals_an_independent_computation(world, tmp_path):
     assert result["hard_share_label_wrong"] == pytest.approx(hard[~right].mean(), abs=1e-4)
     assert result["hard_share_label_right"] == pytest.approx(hard[right].mean(), abs=1e-4)
     assert 0.6 < right.mean() < 0.8 and hard[~right].mean() == 1  # the world is what it claims to be
+    for target, codes in (("true_dominant", dominant), ("annotator_label", human)):
+        per_emotion = [_pairwise_auroc(_stored(expert)[:, k], codes == k) for k in range(8)]
+        got = result["experts_auroc"][target]
+        assert list(got["per_emotion"].values()) == pytest.approx(per_emotion, abs=1e-4), target
+        assert got["mean"] == pytest.approx(np.mean(per_emotion), abs=1e-4)
 
     # The perfect candidate is perfect, and the ranking is the one built in: truth < noisy < reversed rows.
     assert result["fused"]["kl"] < 1e-4 and result["fused"]["argmax_agreement"] == 1
@@ -149,6 +160,11 @@ def test_shuffled_soft_labels_score_worse(world, tmp_path):
     assert shuffled["fused"]["argmax_agreement"] < good["fused"]["argmax_agreement"] - 0.3
     assert shuffled["fused"]["kl"] == pytest.approx(_kl(true, _stored(noisy[order])), abs=1e-4)
     assert shuffled["au"] == good["au"]  # only the shuffled column moved
+    # the experts' AUROC sees the rows too: truth-tracking probabilities rank well, shuffled ones at chance
+    _, _ = _write(tmp_path / "experts_shuffled", world, soft=noisy, au=noisy, expert=noisy[order])
+    chance = truth_check(tmp_path / "experts_shuffled", tmp_path / "experts_shuffled_ground_truth.jsonl")
+    assert good["experts_auroc"]["true_dominant"]["mean"] > 0.8
+    assert abs(chance["experts_auroc"]["true_dominant"]["mean"] - 0.5) < 0.1
 
 
 def test_truth_check_refuses_folders_it_cannot_judge(world, tmp_path):

@@ -157,3 +157,32 @@ def test_the_cache_files_hold_no_pickle(tmp_path):
     (stored,) = (tmp_path / "d").glob("*.safetensors")
     header = json.loads(stored.read_bytes()[8 : 8 + int.from_bytes(stored.read_bytes()[:8], "little")])
     assert json.loads(header["__metadata__"]["image_ids"]) == ["a"]
+
+
+def test_each_precision_reads_only_its_own_features(dinov2, tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path, "d")
+    cache.put(["a"], ["k"], torch.ones(1, 2))
+    assert cache.get(["a"], ["k"], "bf16")[0] is None and cache.get(["a"], ["k"], "fp32")[1].tolist() == [True]
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        cache.put(["b"], ["k"], torch.ones(1, 2), "auto")
+
+    calls = []
+    original = features_module.features_of
+    monkeypatch.setattr(features_module, "features_of", lambda m, x: calls.append(len(x)) or original(m, x))
+    model = make_expert("happy", init_from=str(dinov2)).eval()
+    images = torch.stack([torch.from_numpy(np.array(face_image(28, 28, seed=i))).permute(2, 0, 1) for i in range(6)])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(6)), batch_size=4)
+    ids = [f"img{i}" for i in range(6)]
+    transform = BatchTransform(28, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    cache = FeatureCache(tmp_path, backbone_digest(str(dinov2)))
+    exact = compute_features(model, transform, loader, ids, cache=cache, precision="fp32")
+    fast = compute_features(model, transform, loader, ids, cache=cache, precision="bf16")
+    assert sum(calls) == 12 and len(cache) == 12  # bfloat16 did not take the float32 rows, and was stored apart
+    assert not torch.equal(exact, fast) and (exact - fast).abs().max() < 0.1 * exact.abs().max()
+    calls.clear()
+    again = FeatureCache(tmp_path, cache.digest)
+    assert torch.equal(compute_features(model, transform, loader, ids, cache=again, precision="bf16"), fast)
+    assert torch.equal(compute_features(model, transform, loader, ids, cache=again, precision="fp32"), exact)
+    assert sum(calls) == 0
+    with pytest.raises(ValueError, match="precision must be one of"):
+        compute_features(model, transform, loader, ids, precision="fp16")

@@ -166,7 +166,8 @@ def frozen_experts(built_sample, tmp_path_factory):
     root = tmp_path_factory.mktemp("frozen")
     backbone = tiny_dinov2(root / "tiny-dinov2")
     argv = ["train-experts", "--data", str(built_sample), "--num-folds", "2", "--init-from", str(backbone),
-            "--freeze-backbone", "--output-dir", str(root / "experts"), "--num-workers", "0", "--quiet"]  # fmt: skip
+            "--freeze-backbone", "--output-dir", str(root / "experts"), "--num-workers", "0", "--quiet",
+            "--feature-precision", "fp32"]  # fmt: skip
     assert cli(argv) == 0
     return root / "experts" / "manifest.json"
 
@@ -242,6 +243,9 @@ def test_the_feature_cache_is_read_when_labelling(built_sample, frozen_experts, 
     splits = load_splits(built_sample, columns=("image_id",))
     # train and validation rows were cached by train-experts: only the unlabeled ones ran the backbone
     assert sum(computed) == len(splits["unlabeled"])
+    computed.clear()  # features computed in float32 are not served to a bfloat16 run
+    assert _label(built_sample, frozen_experts, tmp_path / "bf16", "--precision", "bf16") == 0
+    assert sum(computed) == sum(len(s) for s in splits.values())
     uncached = tmp_path / "uncached"
     shutil.copytree(frozen_experts.parent, uncached, ignore=shutil.ignore_patterns("features"))
     computed.clear()
@@ -271,7 +275,7 @@ def test_a_train_rows_score_depends_on_the_other_folds_labels_only(built_sample,
     backbone = frozen_experts.parent.parent / "tiny-dinov2"
     argv = ["train-experts", "--data", str(data), "--num-folds", "2", "--init-from", str(backbone), "--freeze-backbone",
             "--output-dir", str(tmp_path / "experts"), "--num-workers", "0", "--quiet",
-            "--feature-cache", str(frozen_experts.parent / "features")]  # fmt: skip
+            "--feature-cache", str(frozen_experts.parent / "features"), "--feature-precision", "fp32"]  # fmt: skip
     assert cli(argv) == 0
     assert _label(built_sample, frozen_experts, tmp_path / "before", "--precision", "fp32") == 0
     assert _label(data, tmp_path / "experts" / "manifest.json", tmp_path / "after", "--precision", "fp32") == 0

@@ -337,7 +337,8 @@ def test_frozen_experts_are_complete_checkpoints_that_never_saw_their_fold(built
 
     recorder = Recorder(monkeypatch)
     out = tmp_path / "experts"
-    assert cli(_frozen(built_sample, out, backbone)) == 0
+    # float32 features: the checkpoint, run in float32, must then give the fitted head's probabilities
+    assert cli(_frozen(built_sample, out, backbone, "--feature-precision", "fp32")) == 0
     train = load_splits(built_sample)["train"]
     ids, labels = list(train["image_id"]), np.asarray(train["human_label"])
     row_folds = folds(ids, 2)
@@ -387,12 +388,16 @@ def test_frozen_experts_are_complete_checkpoints_that_never_saw_their_fold(built
 
 def test_stale_experts_are_refused_and_overwrite_retrains_them(built_sample, backbone, tmp_path, capsys,
                                                                monkeypatch):  # fmt: skip
+    from models.features import resolve_precision
     from tests.models.tiny_backbones import tiny_dinov2
 
     out = tmp_path / "experts"
     emotions = ("happy",)
     assert cli(_frozen(built_sample, out, backbone, emotions=emotions)) == 0
     stamp = (out / "happy-f0" / "model.safetensors").stat().st_mtime_ns
+    # the default precision is this machine's auto choice, and it is recorded
+    results = json.loads((out / "happy-f0" / "all_results.json").read_text())
+    assert results["features"]["precision"] == resolve_precision("cpu", "auto")
     assert cli(_frozen(built_sample, out, backbone, emotions=emotions)) == 0  # the same contract: kept
     assert (out / "happy-f0" / "model.safetensors").stat().st_mtime_ns == stamp
     capsys.readouterr()
