@@ -89,7 +89,7 @@ class ExpertConfig(ModelConfig):
         feature_precision: what the frozen backbone computes its features in: ``auto`` is bfloat16 on GPUs
             and on CPUs that compute it in hardware (AVX512-BF16 / AMX: about twice as fast on a CPU, and
             the heads are as good: their held-out AUROC moves by under 0.01), float32 elsewhere; labelling
-            at the same precision (``affectnet-plus label --precision``, the build) reads these features
+            at the same precision (``scripts/label.py --precision``, the build) reads these features
             from the cache instead of running the backbone again.
     """
 
