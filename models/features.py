@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ _SHA_CACHE: dict[tuple, str] = {}
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+@functools.cache  # the flags do not change while a process runs; configs ask once each
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (Linux flags avx512_bf16 / amx_bf16); emulated
     bfloat16 would be slower than float32."""
