@@ -87,8 +87,9 @@ class ExpertConfig(ModelConfig):
         feature_cache: folder of the frozen backbone's feature cache (default: ``features/`` beside the expert
             folder, e.g. ``experts/features`` for ``experts/happy-f0``).
         feature_precision: what the frozen backbone computes its features in: ``auto`` is bfloat16 on GPUs
-            and on CPUs that compute it in hardware (AVX512-BF16 / AMX: about twice as fast on a CPU, and
-            the heads are as good: their held-out AUROC moves by under 0.01), float32 elsewhere; labelling
+            and on CPUs that compute it in hardware (AVX512-BF16 / AMX: faster, see the bfloat16 rows of
+            docs/benchmarks.md, and the heads are as good: on the demo their AUROC moves by under 0.01),
+            float32 elsewhere; labelling
             at the same precision (``scripts/label.py --precision``, the build) reads these features
             from the cache instead of running the backbone again.
     """
